@@ -1,0 +1,5 @@
+"""`python -m fhir_bridge` is the `fhir-bridge` command."""
+
+from fhir_bridge.cli import main
+
+main()

@@ -1,0 +1,35 @@
+"""The Flask application factory: settings in, a configured app out, no import-time side effects."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from fhir_bridge import errors, services
+from fhir_bridge.ops import health, logs, metrics
+from fhir_bridge.settings import load_settings
+
+
+def create_app(config: Mapping[str, Any] | None = None, *, svc: services.Services | None = None) -> Flask:
+    """Build the service. ``config`` overrides settings (tests pass a dict); ``svc`` injects services."""
+    settings = svc.settings if svc is not None else load_settings(config)
+    logs.configure_logging(settings.log_level, settings.log_format)
+    svc = svc or services.build_services(settings)
+
+    app = Flask("fhir_bridge", instance_path=str(settings.instance_path.resolve()))
+    app.config.update(settings.extra)
+    app.config.update(
+        SECRET_KEY=svc.secret_key,
+        MAX_CONTENT_LENGTH=settings.max_body_bytes,
+        JSON_SORT_KEYS=False,
+    )
+    services.install(app.extensions, svc)
+
+    logs.init_app(app)
+    errors.init_app(app)
+    if settings.metrics_enabled:
+        metrics.init_app(app, svc.db)
+    app.register_blueprint(health.bp)
+    return app

@@ -1,0 +1,235 @@
+"""The `fhir-bridge` command: what hospital IT, vendors and developers run.
+
+Each subcommand builds only what it needs from the same settings the web app reads, so a command
+run on the server sees exactly the configuration the service does.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from datetime import timedelta
+from functools import update_wrapper
+from typing import Any, TypeVar
+
+import click
+
+from fhir_bridge.settings import SPECS, Settings, SettingsError, load_settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Context:
+    """Lazily built per invocation: settings first (cheap), services only for commands that need them."""
+
+    def __init__(self, config_file: str | None) -> None:
+        self.config_file = config_file
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            try:
+                self._settings = load_settings(config_file=self.config_file)
+            except SettingsError as exc:
+                raise click.ClickException(str(exc)) from None
+        return self._settings
+
+    def services(self) -> Any:
+        from fhir_bridge.services import build_services
+
+        return build_services(self.settings)
+
+
+def pass_ctx(func: F) -> F:
+    @click.pass_context
+    def wrapper(click_ctx: click.Context, *args: Any, **kwargs: Any) -> Any:
+        return click_ctx.invoke(func, click_ctx.ensure_object(Context), *args, **kwargs)
+
+    return update_wrapper(wrapper, func)  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "--config",
+    "config_file",
+    envvar="FHIR_BRIDGE_CONFIG",
+    type=click.Path(dir_okay=False),
+    help="TOML settings file (also FHIR_BRIDGE_CONFIG). Environment variables FHIR_BRIDGE_* win over it.",
+)
+@click.version_option(package_name="fhir-bridge")
+@click.pass_context
+def cli(click_ctx: click.Context, config_file: str | None) -> None:
+    """fhir-bridge: mental-health app data into hospital EHRs through FHIR R4.
+
+    Every setting has a working default; see README.md for the list.
+    """
+    click_ctx.obj = Context(config_file)
+
+
+# -- serve ------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--host", help="Address to bind (default: the HOST setting).")
+@click.option("--port", type=int, help="Port to bind (default: the PORT setting).")
+@click.option("--workers", type=int, help="Web worker processes (default: the WEB_WORKERS setting).")
+@click.option("--no-migrate", is_flag=True, help="Do not bring the database schema up to date first.")
+@pass_ctx
+def serve(ctx: Context, host: str | None, port: int | None, workers: int | None, no_migrate: bool) -> None:
+    """Run the web service (vendor API, SMART app, FHIR endpoints) under gunicorn."""
+    from fhir_bridge.server import run_gunicorn
+
+    settings = ctx.settings
+    if not no_migrate:
+        _upgrade(ctx)
+    run_gunicorn(
+        settings,
+        host=host or settings.host,
+        port=port or settings.port,
+        workers=workers or settings.web_workers,
+    )
+
+
+# -- db ---------------------------------------------------------------------------------------
+
+
+@cli.group()
+def db() -> None:
+    """Database schema: upgrade, downgrade, show the current revision."""
+
+
+def _upgrade(ctx: Context, revision: str = "head") -> str | None:
+    from fhir_bridge.storage import Database, migrate
+
+    database = Database(ctx.settings.effective_database_url)
+    try:
+        migrate.upgrade(database, revision)
+        return migrate.current_revision(database)
+    finally:
+        database.dispose()
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+@pass_ctx
+def db_upgrade(ctx: Context, revision: str) -> None:
+    """Apply migrations up to REVISION (default: the newest). Safe to run again."""
+    current = _upgrade(ctx, revision)
+    click.echo(f"database at revision {current}")
+
+
+@db.command("downgrade")
+@click.argument("revision")
+@pass_ctx
+def db_downgrade(ctx: Context, revision: str) -> None:
+    """Revert migrations down to REVISION ('base' removes every table)."""
+    from fhir_bridge.storage import Database, migrate
+
+    database = Database(ctx.settings.effective_database_url)
+    try:
+        migrate.downgrade(database, revision)
+        click.echo(f"database at revision {migrate.current_revision(database) or 'base'}")
+    finally:
+        database.dispose()
+
+
+@db.command("current")
+@pass_ctx
+def db_current(ctx: Context) -> None:
+    """Show the schema revision of the database and whether it is the newest."""
+    from fhir_bridge.storage import Database, migrate
+
+    database = Database(ctx.settings.effective_database_url)
+    try:
+        current = migrate.current_revision(database)
+        head = migrate.head_revision()
+        state = (
+            "up to date" if current == head else f"behind (newest is {head}); run `fhir-bridge db upgrade`"
+        )
+        click.echo(f"{current or 'base'}: {state}")
+    finally:
+        database.dispose()
+
+
+# -- keys -------------------------------------------------------------------------------------
+
+
+@cli.group()
+def keys() -> None:
+    """The service's signing keys (published at /.well-known/jwks.json)."""
+
+
+def _keyring(ctx: Context) -> Any:
+    from auth.keys import Keyring
+
+    keyring = Keyring(ctx.settings.keys_path, alg=ctx.settings.signing_alg)
+    keyring.ensure()
+    return keyring
+
+
+@keys.command("list")
+@pass_ctx
+def keys_list(ctx: Context) -> None:
+    """List keys with when each signs and when it stops being published."""
+    keyring = _keyring(ctx)
+    signing = keyring.signing_key().kid
+    for entry in keyring.entries():
+        state = "signing" if entry.kid == signing else ("retiring" if entry.retires_at else "next")
+        retires = entry.retires_at.isoformat(timespec="seconds") if entry.retires_at else "-"
+        signs = entry.activates_at.isoformat(timespec="seconds")
+        click.echo(f"{entry.kid}  {entry.alg}  {state:8}  signs from {signs}  published until {retires}")
+
+
+@keys.command("rotate")
+@click.option(
+    "--lead", type=int, help="Seconds before the new key signs (default: KEY_ROTATION_LEAD_SECONDS)."
+)
+@click.option("--grace", type=int, help="Seconds the old key stays published after that.")
+@pass_ctx
+def keys_rotate(ctx: Context, lead: int | None, grace: int | None) -> None:
+    """Add a new signing key; the old one stays published until its grace period ends."""
+    settings = ctx.settings
+    entry = _keyring(ctx).rotate(
+        lead=timedelta(seconds=settings.key_rotation_lead_seconds if lead is None else lead),
+        grace=timedelta(seconds=settings.key_rotation_grace_seconds if grace is None else grace),
+    )
+    click.echo(
+        f"new key {entry.kid} published; it signs from {entry.activates_at.isoformat(timespec='seconds')}"
+    )
+
+
+@keys.command("purge")
+@pass_ctx
+def keys_purge(ctx: Context) -> None:
+    """Delete keys whose grace period has ended."""
+    removed = _keyring(ctx).purge_retired()
+    click.echo(f"removed {len(removed)} retired key(s)" + (": " + ", ".join(removed) if removed else ""))
+
+
+@keys.command("jwks")
+@pass_ctx
+def keys_jwks(ctx: Context) -> None:
+    """Print the public JWKS (what /.well-known/jwks.json serves)."""
+    click.echo(json.dumps(_keyring(ctx).jwks(), indent=2))
+
+
+# -- config -----------------------------------------------------------------------------------
+
+
+@cli.command("config")
+@pass_ctx
+def config_show(ctx: Context) -> None:
+    """Validate the settings and print them (secrets hidden)."""
+    settings = ctx.settings
+    for spec in SPECS:
+        value = getattr(settings, spec.name.lower())
+        shown = ("(set)" if value else "(generated)") if spec.secret else value
+        if isinstance(shown, tuple):
+            shown = ",".join(shown)
+        click.echo(f"FHIR_BRIDGE_{spec.name}={'' if shown is None else shown}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="fhir-bridge")

@@ -1,0 +1,359 @@
+"""Database tables, as typed SQLAlchemy 2.x models. Alembic migrations create them; tests check both agree.
+
+Every timestamp is stored in UTC. Nothing here holds a token or a private key in clear text: token
+columns carry Fernet ciphertext (see :mod:`fhir_bridge.crypto`) and keys live in the keys folder.
+Clinical payloads exist only in the outbox (until delivered) and in the idempotency replay copy of a
+push response, never in the audit log.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    Uuid,
+    text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Deterministic constraint names, so migrations can drop what they created on every database.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a real 64-bit identity.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware datetimes in, aware UTC datetimes out, on SQLite (no time zones) and PostgreSQL alike."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSON(),
+        list[str]: JSON(),
+    }
+
+
+class Tenant(Base):
+    """An EHR this service reads from (SMART app) and writes to (backend services)."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    # The FHIR base URL, normalised; it is the `iss` an EHR launch must present.
+    fhir_base_url: Mapped[str] = mapped_column(String(2048), unique=True)
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    # SMART App Launch registration (the clinician-facing app).
+    smart_client_id: Mapped[str | None] = mapped_column(String(255))
+    smart_client_auth: Mapped[str] = mapped_column(String(32), default="public")
+    smart_scopes: Mapped[str] = mapped_column(Text, default="")
+    scope_syntax: Mapped[str] = mapped_column(String(4), default="v2")
+    # Pinned endpoints; when empty they come from discovery (and must then agree with any pin).
+    authorize_url: Mapped[str | None] = mapped_column(String(2048))
+    token_url: Mapped[str | None] = mapped_column(String(2048))
+    issuer: Mapped[str | None] = mapped_column(String(2048))
+    jwks_uri: Mapped[str | None] = mapped_column(String(2048))
+    # SMART Backend Services registration (the writer).
+    backend_client_id: Mapped[str | None] = mapped_column(String(255))
+    backend_scopes: Mapped[str] = mapped_column(
+        Text, default="system/Observation.c system/QuestionnaireResponse.c"
+    )
+    write_strategy: Mapped[str] = mapped_column(String(16), default="transaction")
+    max_requests_per_second: Mapped[float | None] = mapped_column(Float)
+    max_concurrent_requests: Mapped[int] = mapped_column(Integer, default=4)
+    frame_ancestors: Mapped[list[str]] = mapped_column(default=list)
+    crisis_line: Mapped[str | None] = mapped_column(String(500))
+    # Documented per-EHR quirks (see docs/ehr-vendors.md), e.g. types that refuse If-None-Exist.
+    quirks: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class VendorClient(Base):
+    """An app vendor allowed to push data: authenticates with private_key_jwt against our token endpoint."""
+
+    __tablename__ = "vendor_clients"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    client_id: Mapped[str] = mapped_column(String(128), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    jwks: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    jwks_url: Mapped[str | None] = mapped_column(String(2048))
+    scopes: Mapped[str] = mapped_column(Text, default="")
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    webhook_url: Mapped[str | None] = mapped_column(String(2048))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    disabled_at: Mapped[datetime | None] = mapped_column()
+
+
+class UsedAssertion(Base):
+    """Client-assertion `jti`s seen, kept until the assertion could no longer be valid (replay defence)."""
+
+    __tablename__ = "used_assertions"
+
+    issuer: Mapped[str] = mapped_column(String(128), primary_key=True)
+    jti: Mapped[str] = mapped_column(String(255), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class Enrollment(Base):
+    """Binds a patient in one EHR to one app user of one vendor, from pairing code to end."""
+
+    __tablename__ = "enrollments"
+    __table_args__ = (
+        # At most one live binding per app user of a vendor.
+        Index(
+            "uq_enrollments_live_app_user",
+            "vendor_id",
+            "app_user_id",
+            unique=True,
+            sqlite_where=text("status = 'active'"),
+            postgresql_where=text("status = 'active'"),
+        ),
+        Index("ix_enrollments_patient", "tenant_id", "patient_id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    patient_id: Mapped[str] = mapped_column(String(64))
+    vendor_id: Mapped[int] = mapped_column(ForeignKey("vendor_clients.id"))
+    app_user_id: Mapped[str | None] = mapped_column(String(128))
+    # pending (code issued) -> active (claimed) -> ended; pending -> expired.
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    code_hash: Mapped[str | None] = mapped_column(String(128), unique=True)
+    code_expires_at: Mapped[datetime | None] = mapped_column()
+    created_by: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    claimed_at: Mapped[datetime | None] = mapped_column()
+    ended_at: Mapped[datetime | None] = mapped_column()
+    ended_by: Mapped[str | None] = mapped_column(String(255))
+    consent_identifier: Mapped[str | None] = mapped_column(String(128))
+
+    tenant: Mapped[Tenant] = relationship()
+    vendor: Mapped[VendorClient] = relationship()
+
+
+class PairingAttempt(Base):
+    """Failed pairing claims, counted per vendor to rate-limit guessing."""
+
+    __tablename__ = "pairing_attempts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    vendor_id: Mapped[int] = mapped_column(ForeignKey("vendor_clients.id"), index=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Submission(Base):
+    """One push request from a vendor, with its counts and (for Idempotency-Key replays) its response."""
+
+    __tablename__ = "submissions"
+    __table_args__ = (UniqueConstraint("vendor_id", "idempotency_key"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    vendor_id: Mapped[int] = mapped_column(ForeignKey("vendor_clients.id"))
+    kind: Mapped[str] = mapped_column(String(16), default="native")
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    record_count: Mapped[int] = mapped_column(Integer, default=0)
+    accepted_count: Mapped[int] = mapped_column(Integer, default=0)
+    duplicate_count: Mapped[int] = mapped_column(Integer, default=0)
+    rejected_count: Mapped[int] = mapped_column(Integer, default=0)
+    response_status: Mapped[int | None] = mapped_column(SmallInteger)
+    response_body: Mapped[bytes | None] = mapped_column(LargeBinary)
+
+
+class Record(Base):
+    """One accepted vendor record; its FHIR resources wait in the outbox."""
+
+    __tablename__ = "records"
+    __table_args__ = (UniqueConstraint("vendor_id", "vendor_record_id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    submission_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("submissions.id"), index=True)
+    vendor_id: Mapped[int] = mapped_column(ForeignKey("vendor_clients.id"))
+    vendor_record_id: Mapped[str] = mapped_column(String(200))
+    measure: Mapped[str] = mapped_column(String(100))
+    enrollment_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("enrollments.id"), index=True)
+    # queued -> delivered | dead (a record is delivered when all of its resources are).
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class OutboxItem(Base):
+    """One FHIR resource waiting to be written to an EHR (transactional outbox)."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        # The deterministic identifier makes the same resource impossible to queue twice per EHR.
+        UniqueConstraint("tenant_id", "resource_type", "ident_system", "ident_value"),
+        Index("ix_outbox_claim", "status", "priority", "next_attempt_at", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    record_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("records.id"), index=True)
+    # Resources that must travel in one transaction share a group (e.g. a QuestionnaireResponse and
+    # the score Observations derived from it).
+    group_key: Mapped[str] = mapped_column(String(64), index=True)
+    resource_type: Mapped[str] = mapped_column(String(64))
+    ident_system: Mapped[str] = mapped_column(String(255))
+    ident_value: Mapped[str] = mapped_column(String(128))
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    # 0 = live data, 1 = backfill; lower goes first.
+    priority: Mapped[int] = mapped_column(SmallInteger, default=0)
+    # pending -> delivered | dead
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    lease_until: Mapped[datetime | None] = mapped_column()
+    leased_by: Mapped[str | None] = mapped_column(String(128))
+    ehr_id: Mapped[str | None] = mapped_column(String(128))
+    ehr_version: Mapped[str | None] = mapped_column(String(64))
+    last_status: Mapped[int | None] = mapped_column(SmallInteger)
+    outcome: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column()
+
+
+class DeliveryAttempt(Base):
+    """One try at writing an outbox item, kept for hospital IT to see why something is late."""
+
+    __tablename__ = "delivery_attempts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    outbox_id: Mapped[int] = mapped_column(ForeignKey("outbox.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    worker: Mapped[str] = mapped_column(String(128))
+    http_status: Mapped[int | None] = mapped_column(SmallInteger)
+    error: Mapped[str | None] = mapped_column(String(500))
+    duration_ms: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Alert(Base):
+    """A rule firing for a patient; open until acknowledged or resolved, at most one open per rule."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (
+        Index(
+            "uq_alerts_open_episode",
+            "tenant_id",
+            "patient_id",
+            "rule_id",
+            unique=True,
+            sqlite_where=text("status = 'open'"),
+            postgresql_where=text("status = 'open'"),
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    patient_id: Mapped[str] = mapped_column(String(64))
+    enrollment_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("enrollments.id"))
+    rule_id: Mapped[str] = mapped_column(String(100))
+    priority: Mapped[str] = mapped_column(String(16), default="routine")
+    status: Mapped[str] = mapped_column(String(16), default="open")
+    reason: Mapped[str] = mapped_column(Text)
+    fired_at: Mapped[datetime] = mapped_column(default=utcnow)
+    acknowledged_at: Mapped[datetime | None] = mapped_column()
+    acknowledged_by: Mapped[str | None] = mapped_column(String(255))
+    flag_outbox_id: Mapped[int | None] = mapped_column(ForeignKey("outbox.id"))
+    task_outbox_id: Mapped[int | None] = mapped_column(ForeignKey("outbox.id"))
+
+
+class AuditEvent(Base):
+    """Append-only audit trail (database triggers refuse UPDATE and DELETE), hash-chained.
+
+    Rows name actors and targets by reference; they never carry clinical values or free text.
+    """
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    actor_type: Mapped[str] = mapped_column(String(32))
+    actor_id: Mapped[str] = mapped_column(String(255))
+    action: Mapped[str] = mapped_column(String(64))
+    tenant_id: Mapped[str | None] = mapped_column(String(64))
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    target: Mapped[str | None] = mapped_column(String(255))
+    outcome: Mapped[str] = mapped_column(String(16), default="success")
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class SchedulerLease(Base):
+    """Which worker runs a periodic job right now (a portable stand-in for advisory locks on SQLite)."""
+
+    __tablename__ = "scheduler_leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    lease_until: Mapped[datetime] = mapped_column()
+    last_run_at: Mapped[datetime | None] = mapped_column()
+
+
+__all__ = [
+    "Alert",
+    "AuditEvent",
+    "Base",
+    "DeliveryAttempt",
+    "Enrollment",
+    "OutboxItem",
+    "PairingAttempt",
+    "Record",
+    "SchedulerLease",
+    "Submission",
+    "Tenant",
+    "UsedAssertion",
+    "VendorClient",
+    "utcnow",
+]

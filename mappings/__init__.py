@@ -1,0 +1,1 @@
+"""Declarative mappings from app data to FHIR R4 resources, and the engine that loads them."""

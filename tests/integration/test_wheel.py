@@ -1,0 +1,65 @@
+"""The wheel carries everything the service needs: built, installed in a fresh venv, and run from there."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _clean_env() -> dict[str, str]:
+    """Nothing from this checkout may leak into the fresh venv (PYTHONPATH would make pip skip installing)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("FHIR_BRIDGE_") and k != "PYTHONPATH"}
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(work / "dist"), str(ROOT)],
+        check=True,
+        timeout=600,
+    )
+    (wheel,) = (work / "dist").glob("fhir_bridge-*.whl")
+    env_dir = work / "venv"
+    venv.create(env_dir, with_pip=True)
+    subprocess.run(
+        [str(env_dir / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)],
+        check=True,
+        timeout=900,
+        env=_clean_env(),
+        cwd=work,
+    )
+    return env_dir
+
+
+def _run(env_dir: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(env_dir / "bin" / "fhir-bridge"), *args],
+        cwd=cwd,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_help_runs_from_the_installed_wheel(installed: Path, tmp_path: Path) -> None:
+    result = _run(installed, "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "serve" in result.stdout and "db" in result.stdout
+
+
+def test_migrations_ship_in_the_wheel(installed: Path, tmp_path: Path) -> None:
+    result = _run(installed, "db", "upgrade", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "instance" / "fhir-bridge.db").exists()
+    # The package must come from the venv, not from this checkout.
+    assert not (tmp_path / "fhir_bridge").exists()

@@ -32,4 +32,8 @@ def create_app(config: Mapping[str, Any] | None = None, *, svc: services.Service
     if settings.metrics_enabled:
         metrics.init_app(app, svc.db)
     app.register_blueprint(health.bp)
+
+    import smart_app  # imported here: smart_app depends on fhir_bridge, not the other way round
+
+    smart_app.init_app(app)
     return app

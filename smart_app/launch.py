@@ -11,6 +11,7 @@ handle and a launch id; the tokens stay here, encrypted.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -18,13 +19,14 @@ from datetime import timedelta
 from typing import Any
 from urllib.parse import quote
 
-from flask import Response, redirect, render_template, request
+from flask import redirect, render_template, request
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
+from werkzeug.wrappers import Response as BaseResponse
 
 from auth import smart_launch as sl
 from fhir_bridge import services
-from fhir_bridge.errors import BadRequest, BridgeError, Forbidden
+from fhir_bridge.errors import BridgeError, Forbidden
 from fhir_bridge.storage.models import SmartFlow, SmartLaunch, Tenant, utcnow
 from smart_app import web
 from smart_app.state import state
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 FLOW_SECONDS = 600
 MAX_LAUNCH_PARAM = 2048
 MAX_CODE = 2048
+# Launch tokens and codes are opaque: base64(url), JWTs, UUIDs and similar. Nothing else is let through.
+_OPAQUE = re.compile(r"[A-Za-z0-9._~+/=:-]+")
 
 
 class LaunchRefused(BridgeError):
@@ -53,7 +57,9 @@ def single_param(name: str, *, required: bool = True, max_length: int = MAX_LAUN
     """One query parameter, present at most once, bounded, printable ASCII (L6-L8, C6)."""
     values = request.args.getlist(name)
     if len(values) > 1:
-        raise LaunchRefused(f"The request names '{name}' more than once, so it is ambiguous.", code="ambiguous")
+        raise LaunchRefused(
+            f"The request names '{name}' more than once, so it is ambiguous.", code="ambiguous"
+        )
     value = values[0] if values else None
     if value is None or value == "":
         if required:
@@ -61,7 +67,7 @@ def single_param(name: str, *, required: bool = True, max_length: int = MAX_LAUN
                 f"The request has no '{name}'. Start the app again from the EHR.", code=f"missing-{name}"
             )
         return None
-    if len(value) > max_length or not value.isascii() or not value.isprintable() or " " in value:
+    if len(value) > max_length or not _OPAQUE.fullmatch(value):
         raise LaunchRefused(f"The request's '{name}' is not acceptable.", code=f"invalid-{name}")
     return value
 
@@ -74,7 +80,9 @@ def tenant_for_issuer(session: Session, iss: str, *, allow_insecure_loopback: bo
     wanted = sl.normalize_base_url(iss, allow_insecure_loopback=allow_insecure_loopback)
     for tenant in session.scalars(select(Tenant).where(Tenant.status == "active")):
         try:
-            base = sl.normalize_base_url(tenant.fhir_base_url, allow_insecure_loopback=allow_insecure_loopback)
+            base = sl.normalize_base_url(
+                tenant.fhir_base_url, allow_insecure_loopback=allow_insecure_loopback
+            )
         except sl.InvalidIssuer:
             continue
         if base == wanted:
@@ -103,7 +111,9 @@ def pins(tenant: Tenant) -> sl.Pins:
 def configuration(tenant: Tenant) -> sl.SmartConfiguration:
     """Discovery for a registered tenant (cached), reconciled with its pins."""
     settings = services.current().settings
-    base = sl.normalize_base_url(tenant.fhir_base_url, allow_insecure_loopback=settings.allow_insecure_loopback)
+    base = sl.normalize_base_url(
+        tenant.fhir_base_url, allow_insecure_loopback=settings.allow_insecure_loopback
+    )
     st = state()
     document: dict[str, Any] | None
     try:
@@ -155,9 +165,13 @@ def start(tenant: Tenant, *, kind: str, launch: str | None) -> Started:
     try:
         config = configuration(tenant)
     except sl.LaunchError as exc:
-        raise EhrProblem(exc.message + " Ask hospital IT to check the EHR registration.", code=exc.code) from None
+        raise EhrProblem(
+            exc.message + " Ask hospital IT to check the EHR registration.", code=exc.code
+        ) from None
 
-    base = sl.normalize_base_url(tenant.fhir_base_url, allow_insecure_loopback=settings.allow_insecure_loopback)
+    base = sl.normalize_base_url(
+        tenant.fhir_base_url, allow_insecure_loopback=settings.allow_insecure_loopback
+    )
     scope = sl.launch_scopes(tenant.smart_scopes or "", syntax=tenant.scope_syntax or "v2", kind=kind)
     verifier, challenge = sl.pkce_pair()
     state_value = sl.new_state()
@@ -201,14 +215,14 @@ def start(tenant: Tenant, *, kind: str, launch: str | None) -> Started:
     return Started(location=location, handle=handle, new_handle=existing is None)
 
 
-def redirect_to_ehr(started: Started) -> Response:
+def redirect_to_ehr(started: Started) -> BaseResponse:
     response = redirect(started.location, code=302)
     if started.new_handle:
         web.set_handle(response, state().cookies, started.handle)
     return response
 
 
-def ehr_launch() -> Response:
+def ehr_launch() -> BaseResponse:
     """``GET /launch?iss=..&launch=..``: nothing leaves this process unless ``iss`` is a tenant (L1-L11)."""
     svc = services.current()
     iss = single_param("iss")
@@ -216,10 +230,13 @@ def ehr_launch() -> Response:
     assert iss is not None
     try:
         with svc.db.transaction() as session:
-            tenant = tenant_for_issuer(session, iss, allow_insecure_loopback=svc.settings.allow_insecure_loopback)
+            tenant = tenant_for_issuer(
+                session, iss, allow_insecure_loopback=svc.settings.allow_insecure_loopback
+            )
     except sl.InvalidIssuer as exc:
         log.warning("launch refused: invalid iss", extra={"error_code": exc.code})
-        raise LaunchRefused(exc.message + " The app can only be launched by a registered EHR.", code=exc.code)
+        message = exc.message + " The app can only be launched by a registered EHR."
+        raise LaunchRefused(message, code=exc.code) from None
     if tenant is None:
         log.warning("launch refused: unknown iss", extra={"error_code": "unknown-iss"})
         raise LaunchRefused(
@@ -231,7 +248,7 @@ def ehr_launch() -> Response:
     return redirect_to_ehr(start(tenant, kind="ehr", launch=launch))
 
 
-def standalone_launch() -> Response | str:
+def standalone_launch() -> BaseResponse | str:
     """``GET /launch/standalone[?tenant=..]``: pick an EHR from the server's list, never a typed URL (L12)."""
     svc = services.current()
     tenant_id = single_param("tenant", required=False, max_length=64)
@@ -276,13 +293,15 @@ def _consume_flow(session: Session, state_value: str) -> SmartFlow | None:
     return flow if getattr(result, "rowcount", 1) == 1 else None
 
 
-def callback(tenant_id: str) -> Response:
+def callback(tenant_id: str) -> BaseResponse:
     svc = services.current()
     settings = svc.settings
     policy = state().cookies
     for name in ("state", "code", "error", "iss"):
         if len(request.args.getlist(name)) > 1:
-            raise LaunchRefused("The sign-in answer is ambiguous (a parameter appears twice).", code="ambiguous")
+            raise LaunchRefused(
+                "The sign-in answer is ambiguous (a parameter appears twice).", code="ambiguous"
+            )
     state_value = request.args.get("state", "")
     if not state_value or len(state_value) > 512:
         raise LaunchRefused("The sign-in answer has no valid state. " + RELAUNCH, code="missing-state")
@@ -296,12 +315,16 @@ def callback(tenant_id: str) -> Response:
     web.allow_framing_by(list(tenant.frame_ancestors or []))
     if handle is None or not secrets.compare_digest(web.handle_hash(handle), flow.browser_hash):
         log.warning("callback refused: state of another browser", extra={"tenant": tenant.id})
-        raise Forbidden("This sign-in was started in another browser session. " + RELAUNCH, code="state-mismatch")
+        raise Forbidden(
+            "This sign-in was started in another browser session. " + RELAUNCH, code="state-mismatch"
+        )
     if flow.expires_at < utcnow():
         raise LaunchRefused("This sign-in took too long and expired. " + RELAUNCH, code="state-expired")
     if flow.tenant_id != tenant_id:
         log.warning("callback refused: flow of another tenant", extra={"tenant": tenant.id})
-        raise LaunchRefused("This sign-in answer arrived at the wrong address. " + RELAUNCH, code="tenant-mismatch")
+        raise LaunchRefused(
+            "This sign-in answer arrived at the wrong address. " + RELAUNCH, code="tenant-mismatch"
+        )
     error = request.args.get("error")
     if error is not None:
         code = error if error in _OAUTH_ERRORS else "authorization-error"
@@ -311,18 +334,26 @@ def callback(tenant_id: str) -> Response:
     as_issuer = request.args.get("iss")
     if as_issuer is not None and flow.issuer is not None and as_issuer != flow.issuer:
         # RFC 9207: the authorization server says who it is; it must be the one we sent the user to (C9).
-        raise LaunchRefused("The sign-in answer came from an unexpected server. " + RELAUNCH, code="issuer-mismatch")
+        raise LaunchRefused(
+            "The sign-in answer came from an unexpected server. " + RELAUNCH, code="issuer-mismatch"
+        )
     code_value = request.args.get("code", "")
-    if not code_value or len(code_value) > MAX_CODE or not code_value.isascii() or not code_value.isprintable():
-        raise LaunchRefused("The sign-in answer has no valid authorization code. " + RELAUNCH, code="missing-code")
+    if not code_value or len(code_value) > MAX_CODE or not _OPAQUE.fullmatch(code_value):
+        raise LaunchRefused(
+            "The sign-in answer has no valid authorization code. " + RELAUNCH, code="missing-code"
+        )
 
     launch = complete(tenant, flow, code_value)
     new = web.new_handle()
     with svc.db.transaction() as session:
         # A new handle after sign-in (S5); the browser's other launches move along with it.
         old_hash, new_hash = flow.browser_hash, web.handle_hash(new)
-        session.execute(update(SmartLaunch).where(SmartLaunch.browser_hash == old_hash).values(browser_hash=new_hash))
-        session.execute(update(SmartFlow).where(SmartFlow.browser_hash == old_hash).values(browser_hash=new_hash))
+        session.execute(
+            update(SmartLaunch).where(SmartLaunch.browser_hash == old_hash).values(browser_hash=new_hash)
+        )
+        session.execute(
+            update(SmartFlow).where(SmartFlow.browser_hash == old_hash).values(browser_hash=new_hash)
+        )
         launch.browser_hash = new_hash
         session.add(launch)
     log.info("smart launch completed", extra={"tenant": tenant.id})
@@ -368,13 +399,17 @@ def complete(tenant: Tenant, flow: SmartFlow, code: str) -> SmartLaunch:
         log.warning("token exchange failed", extra={"tenant": tenant.id, "error_code": exc.code})
         if exc.relaunch:
             raise LaunchRefused(exc.message + " " + RELAUNCH, code=exc.code) from None
-        raise EhrProblem(exc.message + " Ask hospital IT to check the app registration.", code=exc.code) from None
+        raise EhrProblem(
+            exc.message + " Ask hospital IT to check the app registration.", code=exc.code
+        ) from None
     if grant.patient is None:
         raise LaunchRefused(
             "The EHR did not say which patient this is. Open the app from a patient's chart.",
             code="no-patient-context",
         )
-    base = sl.normalize_base_url(tenant.fhir_base_url, allow_insecure_loopback=settings.allow_insecure_loopback)
+    base = sl.normalize_base_url(
+        tenant.fhir_base_url, allow_insecure_loopback=settings.allow_insecure_loopback
+    )
     user_key: str | None = None
     fhir_user: str | None = None
     if "openid" in flow.scope.split() and "openid" in grant.scope.split():
@@ -435,8 +470,15 @@ def jwks_for(tenant: Tenant, flow: SmartFlow, *, force: bool) -> dict[str, Any]:
         found = oidc.get("jwks_uri")
         if not isinstance(found, str):
             raise sl.IdTokenError("bad-jwks", "The EHR's OpenID configuration names no signing keys.")
-        url = sl.check_endpoint_url(found, allow_insecure_loopback=settings.allow_insecure_loopback, what="JWKS URL")
-    return st.jwks.get(tenant.id, url, force=force, load=lambda: sl.get_json(st.http, url, timeout=settings.http_timeout_seconds))
+        url = sl.check_endpoint_url(
+            found, allow_insecure_loopback=settings.allow_insecure_loopback, what="JWKS URL"
+        )
+    return st.jwks.get(
+        tenant.id,
+        url,
+        force=force,
+        load=lambda: sl.get_json(st.http, url, timeout=settings.http_timeout_seconds),
+    )
 
 
 __all__ = ["callback", "ehr_launch", "standalone_launch", "tenant_for_issuer"]

@@ -24,6 +24,7 @@ from smart_app.state import state
 log = logging.getLogger(__name__)
 
 REFRESH_MARGIN = timedelta(seconds=30)
+EXPIRED = "The EHR session for this dashboard has expired. Open the app again from the patient's chart."
 
 
 class SessionExpired(BridgeError):
@@ -107,9 +108,7 @@ def access_token(ctx: LaunchContext, *, force_refresh: bool = False) -> str:
     with st.launch_lock(ctx.launch_id), svc.db.transaction() as session:
         launch = session.get(SmartLaunch, ctx.launch_id, with_for_update=True)
         if launch is None or launch.status != "active":
-            raise SessionExpired(
-                "The EHR session for this dashboard has expired. Open the app again from the patient's chart.",
-            )
+            raise SessionExpired(EXPIRED)
         fresh = launch.access_expires_at - REFRESH_MARGIN > utcnow()
         if fresh and not force_refresh:
             return svc.cipher.decrypt(launch.access_token_enc).decode()
@@ -148,9 +147,7 @@ def access_token(ctx: LaunchContext, *, force_refresh: bool = False) -> str:
                     return grant.access_token
     if failure is not None:
         log.warning("refresh failed", extra={"tenant": ctx.tenant_id, "error_code": failure.code})
-    raise SessionExpired(
-        "The EHR session for this dashboard has expired. Open the app again from the patient's chart.",
-    )
+    raise SessionExpired(EXPIRED)
 
 
 def invalidate(ctx: LaunchContext) -> None:

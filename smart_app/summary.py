@@ -58,7 +58,7 @@ _BY_CODE: dict[tuple[str, str], Measure] = {c: m for m in MEASURES for c in m.co
 SEARCH_CODES = ",".join(f"{system}|{code}" for system, code in _BY_CODE)
 
 # Severity bands (clinical-content.md 1.3 and 1.6): lower bound, label.
-PHQ9_BANDS = ((0, "None–minimal"), (5, "Mild"), (10, "Moderate"), (15, "Moderately severe"), (20, "Severe"))
+PHQ9_BANDS = ((0, "None-minimal"), (5, "Mild"), (10, "Moderate"), (15, "Moderately severe"), (20, "Severe"))
 GAD7_BANDS = ((0, "Minimal"), (5, "Mild"), (10, "Moderate"), (15, "Severe"))
 _SLEEP_UNITS = {"h": 1.0, "hour": 1.0, "hours": 1.0, "min": 1 / 60, "minutes": 1 / 60, "s": 1 / 3600}
 
@@ -105,7 +105,10 @@ def _value(resource: Mapping[str, Any], measure: Measure) -> float | None:
             if not isinstance(component, dict):
                 continue
             for coding in (component.get("code") or {}).get("coding") or ():
-                if isinstance(coding, dict) and (coding.get("system"), coding.get("code")) == measure.component:
+                if (
+                    isinstance(coding, dict)
+                    and (coding.get("system"), coding.get("code")) == measure.component
+                ):
                     quantity = component.get("valueQuantity")
                     if isinstance(quantity, dict):
                         return _number(quantity.get("value"))
@@ -163,7 +166,9 @@ class ObservationDigest:
     total: int = 0
 
 
-def digest_observations(pages: Iterable[Mapping[str, Any]], *, patient_id: str, fhir_base: str) -> ObservationDigest:
+def digest_observations(
+    pages: Iterable[Mapping[str, Any]], *, patient_id: str, fhir_base: str
+) -> ObservationDigest:
     """Read search-result Bundles once: keep the launched patient's Observations of known measures."""
     out = ObservationDigest()
     series = out.series
@@ -205,8 +210,8 @@ def digest_observations(pages: Iterable[Mapping[str, Any]], *, patient_id: str, 
                 target = series[measure.key] = Series()
             target.t.append(when)
             target.v.append(value)
-    for key, value in list(series.items()):
-        series[key] = value.sorted()
+    for key, found in list(series.items()):
+        series[key] = found.sorted()
     return out
 
 
@@ -291,13 +296,21 @@ def alert_items(
             status = resource.get("status")
             if kind == "Flag" and status != "active":
                 continue
-            if kind == "Task" and status in {"completed", "cancelled", "entered-in-error", "rejected", "failed"}:
+            if kind == "Task" and status in {
+                "completed",
+                "cancelled",
+                "entered-in-error",
+                "rejected",
+                "failed",
+            }:
                 continue
             ours = any(
                 isinstance(i, dict) and str(i.get("system", "")).startswith(CANONICAL)
                 for i in resource.get("identifier") or ()
             )
-            when = (resource.get("period") or {}).get("start") if kind == "Flag" else resource.get("authoredOn")
+            when = (
+                (resource.get("period") or {}).get("start") if kind == "Flag" else resource.get("authoredOn")
+            )
             items.append(
                 {
                     "kind": kind,
@@ -306,7 +319,9 @@ def alert_items(
                     "description": str(resource.get("description") or "")[:500] if kind == "Task" else "",
                     "priority": resource.get("priority") if kind == "Task" else None,
                     "status": status,
-                    "category": coded_text((resource.get("category") or [None])[0]) if kind == "Flag" else None,
+                    "category": coded_text((resource.get("category") or [None])[0])
+                    if kind == "Flag"
+                    else None,
                     "at": _instant(when),
                     "from_bridge": ours,
                 }

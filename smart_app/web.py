@@ -20,7 +20,8 @@ import secrets
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from flask import Flask, Response, g, request
+from flask import Flask, g, request
+from werkzeug.wrappers import Response
 
 from auth.smart_launch import is_loopback
 from fhir_bridge.errors import Forbidden

@@ -107,12 +107,12 @@
 
   function drawAlliance(r) {
     FBCharts.lineChart(document.getElementById("chart-dwai"), {
-      title: "D-WAI total", unit: "score", series: [series("dwai_total", "D-WAI total", "dwai")], ...r,
+      title: "D-WAI total, 6–30", unit: "score", series: [series("dwai_total", "D-WAI total", "dwai")], yMin: 6, yMax: 30, ...r,
       empty: "No alliance (D-WAI) answers yet.",
     });
     const items = [1, 2, 3, 4, 5, 6].map((n) => series(`dwai_item${n}`, `Item ${n}`, `item item-${n}`));
     FBCharts.lineChart(document.getElementById("chart-dwai-items"), {
-      title: "D-WAI items", unit: "score", series: items, ...r, height: 160,
+      title: "D-WAI items, 1–5", unit: "score", series: items, yMin: 1, yMax: 5, ...r, height: 160,
       empty: "No item-level alliance answers yet.",
     });
   }

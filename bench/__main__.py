@@ -1,0 +1,27 @@
+"""``python -m bench NAME [options]``: run one benchmark (``python -m bench`` lists them)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS = {
+    "dashboard": (
+        "bench.bench_dashboard",
+        "SMART dashboard: server time for 10,000 Observations vs a bare client, and time to interactive",
+    ),
+}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in BENCHMARKS:
+        print("usage: python -m bench NAME [options]\n\nbenchmarks:")
+        for name, (_, doc) in BENCHMARKS.items():
+            print(f"  {name:10} {doc}")
+        return 0 if not argv or argv[0] in {"-h", "--help"} else 2
+    module = importlib.import_module(BENCHMARKS[argv[0]][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

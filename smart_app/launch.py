@@ -356,6 +356,8 @@ def callback(tenant_id: str) -> BaseResponse:
         )
         launch.browser_hash = new_hash
         session.add(launch)
+        # Ended sessions keep no tokens around longer than they must.
+        session.execute(delete(SmartLaunch).where(SmartLaunch.expires_at < utcnow() - timedelta(days=1)))
     log.info("smart launch completed", extra={"tenant": tenant.id})
     # 303 to a URL without code or state (C11).
     response = redirect(settings.url(f"/app/{launch.id}/"), code=303)

@@ -125,7 +125,7 @@ const FBCharts = (() => {
     }
     const width = Math.max(280, Math.floor(figure.clientWidth || 600));
     const height = opts.height || 200;
-    const m = { l: 44, r: opts.bands ? 118 : 14, t: 10, b: 26 };
+    const m = { l: 44, r: opts.bands ? 136 : 14, t: 10, b: 26 };
     const pw = width - m.l - m.r;
     const ph = height - m.t - m.b;
     let yMin = opts.yMin;
@@ -233,6 +233,18 @@ const FBCharts = (() => {
       if (ev.key in moves) { ev.preventDefault(); show(moves[ev.key], true); }
     });
 
+    if (visible.filter((s) => s.t.length).length > 1) {
+      const legend = html("ul", { class: "chart-legend" });
+      for (const s of visible) {
+        if (!s.t.length) continue;
+        const li = html("li");
+        const swatch = el("svg", { width: 18, height: 10, "aria-hidden": "true" });
+        el("line", { x1: 0, x2: 18, y1: 5, y2: 5, class: `line ${s.cls || ""}` }, swatch);
+        li.append(swatch, document.createTextNode(` ${s.label}`));
+        legend.appendChild(li);
+      }
+      figure.appendChild(legend);
+    }
     const desc = html("p", { id: `${figure.id}-desc`, class: "chart-desc" });
     const last = primary.t.length - 1;
     desc.textContent = `${primary.t.length} result${primary.t.length === 1 ? "" : "s"} from ${fmtDate.format(new Date(primary.t[0]))} to ` +

@@ -59,7 +59,7 @@ def patient_history(
     carry day-to-day noise. Days are added backwards from ``end`` until ``count`` is reached.
     """
     rng = random.Random(seed)
-    end = end or datetime.now(UTC).replace(hour=8, minute=0, second=0, microsecond=0)
+    end = end or (datetime.now(UTC) - timedelta(hours=1)).replace(minute=0, second=0, microsecond=0)
     out: list[dict[str, Any]] = []
     day = 0
     while len(out) < count:

@@ -1,0 +1,53 @@
+"""FHIRPath for score expressions: a real syntax check at load, and compiled evaluation per record.
+
+fhirpathpy's own parser recovers silently from syntax errors (``%scores.sum(`` "works"), which would
+turn a typo in a spec into a wrong score in a chart. :func:`syntax_errors` runs the same ANTLR grammar
+with a listener that reports every error, so a spec that does not parse stops start-up instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from antlr4 import CommonTokenStream, InputStream
+from antlr4.error.ErrorListener import ErrorListener
+from fhirpathpy import compile as _compile
+from fhirpathpy.parser.generated.FHIRPathLexer import FHIRPathLexer
+from fhirpathpy.parser.generated.FHIRPathParser import FHIRPathParser
+
+Evaluator = Callable[[Any, dict[str, Any]], list[Any]]
+
+
+class _Collect(ErrorListener):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def syntaxError(  # noqa: N802 - ANTLR's method name
+        self, recognizer: Any, offendingSymbol: Any, line: int, column: int, msg: str, e: Any
+    ) -> None:
+        self.errors.append(f"column {column + 1}: {msg}")
+
+
+def syntax_errors(expression: str) -> list[str]:
+    """Every syntax error of a FHIRPath expression (empty when it parses completely)."""
+    listener = _Collect()
+    lexer = FHIRPathLexer(InputStream(expression))
+    lexer.removeErrorListeners()
+    lexer.addErrorListener(listener)
+    parser = FHIRPathParser(CommonTokenStream(lexer))
+    parser.removeErrorListeners()
+    parser.addErrorListener(listener)
+    parser.entireExpression()
+    return listener.errors
+
+
+def compile_expression(expression: str) -> Evaluator:
+    """Parse once; the result evaluates against a resource and environment variables (``%name``)."""
+    compiled = _compile(expression)
+
+    def evaluate(resource: Any, variables: dict[str, Any]) -> list[Any]:
+        result = compiled(resource, variables)
+        return list(result) if isinstance(result, list) else [result]
+
+    return evaluate

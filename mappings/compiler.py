@@ -18,7 +18,7 @@ import orjson
 from marshmallow import Schema, ValidationError
 
 from mappings import fhir_models
-from mappings.fhirpath import Evaluator, compile_expression, syntax_errors
+from mappings.fhirpath import Evaluator, compile_expression
 from mappings.identity import RECORD_IDENTIFIER_SYSTEM, full_url, identifier_value
 from mappings.model import MappedResource, MappingContext, MapResult, Measurement, Rejection
 from mappings.records import RECORD_CONTEXT, observation_schema, questionnaire_schema, rejections
@@ -446,15 +446,8 @@ def compile_spec(spec: Spec, problems: Problems) -> _Mapper | None:
                 _check_fhir(res.resource, problems, "Observation")
         return mapper if len(problems.items) == before else None
 
-    evaluators: dict[str, Evaluator] = {}
-    for i, score in enumerate(spec.scores):
-        errors = syntax_errors(score.expression)
-        if errors:
-            problems.add(("scores", i, "expression"), "FHIRPath does not parse: " + "; ".join(errors))
-            continue
-        evaluators[score.role] = compile_expression(score.expression)
-    if len(problems.items) != before:
-        return None
+    # Syntax was checked when the spec was parsed (mappings.spec); compile each expression once here.
+    evaluators = {score.role: compile_expression(score.expression) for score in spec.scores}
     qmapper = QuestionnaireMapper(spec, evaluators)
     for i, score in enumerate(spec.scores):
         for answers in qmapper.samples():

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from mappings.fhirpath import syntax_errors
 from mappings.identity import CODE_SYSTEM_URL
 from mappings.specfile import LineDict, LineList, Path_, Problems
 from mappings.units import UNITS
@@ -662,9 +663,11 @@ def _questionnaire(r: _Reader, root: LineDict, file: str) -> QuestionnaireSpec |
         if item is not None:
             items.append(item)
     for attr, what in (("name", "name"), ("link_id", "linkId")):
-        values = [getattr(it, attr) for it in items]
-        for dup in sorted({v for v in values if values.count(v) > 1}):
-            r.p.add(("items",), f"two items have the {what} `{dup}`")
+        seen: set[str] = set()
+        for index, value in enumerate(getattr(it, attr) for it in items):
+            if value in seen:
+                r.p.add(("items", index), f"two items have the {what} `{value}`")
+            seen.add(value)
     by_name = {it.name: it for it in items}
     themes = {it.theme for it in items if it.theme}
     for theme in sorted(themes & (set(by_name) | RESERVED_VARIABLES)):
@@ -681,9 +684,15 @@ def _questionnaire(r: _Reader, root: LineDict, file: str) -> QuestionnaireSpec |
             io = _item_observation(r, node, ("item_observations", i), by_name, lists)
             if io is not None:
                 item_obs.append(io)
-    roles = [s.role for s in scores] + [o.role for o in item_obs]
-    for dup in sorted({v for v in roles if roles.count(v) > 1} | ({"main"} & set(roles))):
-        r.p.add(("scores",), f"role `{dup}` is used twice (or is the reserved role `main`)")
+    seen_roles: set[str] = set()
+    for where, role in [(("scores", i), s.role) for i, s in enumerate(scores)] + [
+        (("item_observations", i), o.role) for i, o in enumerate(item_obs)
+    ]:
+        if role == "main":
+            r.p.add((*where, "role"), "`main` is the role of the QuestionnaireResponse; choose another")
+        elif role in seen_roles:
+            r.p.add((*where, "role"), f"role `{role}` is used twice")
+        seen_roles.add(role)
     if not (ident and title and description and meta):
         return None
     return QuestionnaireSpec(
@@ -802,6 +811,11 @@ def _score(r: _Reader, node: Any, path: Path_) -> ScoreSpec | None:
     role = r.matching(m, "role", path, _ID, "role (lower-case letters, digits and -)")
     code = r.concept(m.get("code"), (*path, "code"))
     expression = r.text(m, "expression", path)
+    if expression is not None:
+        errors = syntax_errors(expression)
+        if errors:
+            r.p.add((*path, "expression"), "FHIRPath does not parse: " + "; ".join(errors))
+            expression = None
     minimum, maximum = r.number(m, "min", path), r.number(m, "max", path)
     bands: list[Band] = []
     if "bands" in m:

@@ -238,11 +238,13 @@ def config_show(ctx: Context) -> None:
 @click.argument("measure", required=False)
 @click.argument("file", type=click.File("rb"), required=False)
 @click.option("--list", "list_measures", is_flag=True, help="List the measures of the catalogue and exit.")
-@click.option("--vendor", default="example-app", show_default=True, help="Vendor client id (part of identifiers).")
+@click.option(
+    "--vendor", default="example-app", show_default=True, help="Vendor client id (part of identifiers)."
+)
 @click.option("--vendor-name", help="Name of the app in its Device resource (default: the vendor id).")
 @click.option(
     "--record-id",
-    help="The vendor's record id (default: the file's `record_id` if it is a native record, else example-record).",
+    help="The vendor's record id (default: the file's `record_id` for a native record, else example-record).",
 )
 @click.option("--patient", default="Patient/example", show_default=True, help="Reference of the EHR patient.")
 @pass_ctx
@@ -279,14 +281,18 @@ def map_record(
     if measure is None or file is None:
         raise click.UsageError("give MEASURE and FILE (or --list)")
     if measure not in catalog:
-        raise click.BadParameter(f"unknown measure; known: {', '.join(catalog.measures())}", param_hint="MEASURE")
+        raise click.BadParameter(
+            f"unknown measure; known: {', '.join(catalog.measures())}", param_hint="MEASURE"
+        )
     try:
         data = json.loads(file.read())
     except (ValueError, UnicodeDecodeError) as exc:
         raise click.ClickException(f"{file.name} is not valid JSON: {exc}") from None
     if isinstance(data, dict) and "data" in data and {"record_id", "measure"} & set(data):
         if data.get("measure", measure) != measure:
-            raise click.ClickException(f"{file.name} is a record of measure {data['measure']!r}, not {measure!r}")
+            raise click.ClickException(
+                f"{file.name} is a record of measure {data['measure']!r}, not {measure!r}"
+            )
         if record_id is None and isinstance(data.get("record_id"), str):
             record_id = data["record_id"]
         data = data["data"]

@@ -64,10 +64,14 @@ class Catalog:
         if mapper is None:
             known = ", ".join(self._mappers)
             return MapResult(
-                rejections=(Rejection("unknown-measure", "measure", f"Unknown measure; known measures: {known}."),)
+                rejections=(
+                    Rejection("unknown-measure", "measure", f"Unknown measure; known measures: {known}."),
+                )
             )
         if not isinstance(data, dict):
-            return MapResult(rejections=(Rejection("wrong-type", "data", "The record's data must be a JSON object."),))
+            return MapResult(
+                rejections=(Rejection("wrong-type", "data", "The record's data must be a JSON object."),)
+            )
         with RECORD_CONTEXT({"latest": context.received_at + self.future_tolerance}):
             return mapper.map(data, context)
 
@@ -77,7 +81,7 @@ class Catalog:
 
     def questionnaire(self, measure: str) -> dict[str, Any] | None:
         raw = self._questionnaires.get(measure)
-        return None if raw is None else orjson.loads(raw)  # type: ignore[no-any-return]
+        return None if raw is None else orjson.loads(raw)
 
     def code_system(self) -> dict[str, Any]:
         """Our CodeSystem (every code the catalogue uses under :data:`~mappings.identity.CODE_SYSTEM_URL`)."""
@@ -132,7 +136,9 @@ def load_catalog(
         try:
             fhir_models.validate_resource(code_system)
         except (fhir_models.ValidationError, KeyError) as exc:
-            all_problems[0].add_at(1, f"the CodeSystem built from the specs' concepts is not valid FHIR: {exc}")
+            all_problems[0].add_at(
+                1, f"the CodeSystem built from the specs' concepts is not valid FHIR: {exc}"
+            )
     found = [p for problems in all_problems for p in problems]
     if found:
         raise MappingSpecError(found)
@@ -164,7 +170,9 @@ def _check_catalogue(all_problems: list[Problems], specs: Sequence[Spec]) -> Non
             codes += [o.measurement for o in spec.item_observations if o.measurement]
             url = spec.questionnaire.url
             if url in seen_urls:
-                problems.add(("questionnaire", "url"), f"the Questionnaire url is also used by {seen_urls[url]}")
+                problems.add(
+                    ("questionnaire", "url"), f"the Questionnaire url is also used by {seen_urls[url]}"
+                )
             seen_urls[url] = spec.file
         else:
             codes = [m.code for m in spec.measurements]

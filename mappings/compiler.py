@@ -21,7 +21,7 @@ from mappings import fhir_models
 from mappings.fhirpath import Evaluator, compile_expression
 from mappings.identity import RECORD_IDENTIFIER_SYSTEM, full_url, identifier_value
 from mappings.model import MappedResource, MappingContext, MapResult, Measurement, Rejection
-from mappings.records import RECORD_CONTEXT, observation_schema, questionnaire_schema, rejections
+from mappings.records import observation_schema, questionnaire_schema, rejections
 from mappings.spec import (
     AnswerOption,
     FieldSpec,
@@ -97,6 +97,8 @@ def _value_builder(value: ValueSpec, fields: dict[str, FieldSpec]) -> tuple[str,
 
 
 class ObservationMapper(_Mapper):
+    spec: ObservationSpec
+
     def __init__(self, spec: ObservationSpec) -> None:
         self.spec = spec
         self.schema: Schema = observation_schema(spec.id, spec.fields)
@@ -149,9 +151,7 @@ class ObservationMapper(_Mapper):
         spec = self.spec
         out: list[Rejection] = []
         if spec.require_any and not any(name in values for name in spec.require_any):
-            out.append(
-                Rejection("missing", "data", f"Give at least one of: {', '.join(spec.require_any)}.")
-            )
+            out.append(Rejection("missing", "data", f"Give at least one of: {', '.join(spec.require_any)}."))
         eff = spec.effective
         if eff.start is not None and eff.end is not None and values[eff.end] < values[eff.start]:
             out.append(Rejection("period-reversed", eff.end, f"`{eff.end}` is before `{eff.start}`."))
@@ -188,7 +188,9 @@ class ObservationMapper(_Mapper):
                 if name in values
             ]
         measurements = tuple(
-            Measurement(m.code, when, float(values[m.source])) for m in spec.measurements if m.source in values
+            Measurement(m.code, when, float(values[m.source]))
+            for m in spec.measurements
+            if m.source in values
         )
         return MapResult(resources=(_mapped(res, ident, url),), measurements=measurements)
 
@@ -212,6 +214,8 @@ class ObservationMapper(_Mapper):
 
 
 class QuestionnaireMapper(_Mapper):
+    spec: QuestionnaireSpec
+
     def __init__(self, spec: QuestionnaireSpec, evaluators: dict[str, Evaluator]) -> None:
         self.spec = spec
         self.schema: Schema = questionnaire_schema(spec)
@@ -235,20 +239,26 @@ class QuestionnaireMapper(_Mapper):
         self._qr = orjson.dumps(qr)
         self._scores = []
         for score in spec.scores:
-            skeleton = self._observation_skeleton(score.code.fhir(), value_key="valueQuantity", performer=False)
+            skeleton = self._observation_skeleton(
+                score.code.fhir(), value_key="valueQuantity", performer=False
+            )
             if score.bands:
                 skeleton["interpretation"] = None
             skeleton["device"] = skeleton["derivedFrom"] = None
             self._scores.append((score, orjson.dumps(skeleton)))
         self._item_obs = []
         for io in spec.item_observations:
-            skeleton = self._observation_skeleton(io.code.fhir(), value_key="valueCodeableConcept", performer=True)
+            skeleton = self._observation_skeleton(
+                io.code.fhir(), value_key="valueCodeableConcept", performer=True
+            )
             if io.positive:
                 skeleton["interpretation"] = None
             skeleton["device"] = skeleton["derivedFrom"] = None
             self._item_obs.append((io, orjson.dumps(skeleton)))
 
-    def _observation_skeleton(self, code: dict[str, Any], *, value_key: str, performer: bool) -> dict[str, Any]:
+    def _observation_skeleton(
+        self, code: dict[str, Any], *, value_key: str, performer: bool
+    ) -> dict[str, Any]:
         skeleton: dict[str, Any] = {
             "resourceType": "Observation",
             "meta": {"tag": [PATIENT_SUPPLIED]},
@@ -295,7 +305,7 @@ class QuestionnaireMapper(_Mapper):
         """The score's value, or ``None`` when the expression does not yield one number in range."""
         try:
             result = self._evaluators[score.role](qr, env)
-        except Exception:  # noqa: BLE001 - boundary: any FHIRPath failure becomes a rejection, never a crash
+        except Exception:
             return None
         if len(result) != 1 or isinstance(result[0], bool) or not isinstance(result[0], int | float):
             return None
@@ -314,7 +324,11 @@ class QuestionnaireMapper(_Mapper):
         qr["author"] = _reference(patient)
         qr["source"] = _reference(patient)
         qr["item"] = [
-            {"linkId": item.link_id, "text": item.text, "answer": [{"valueCoding": answers[item.name].coding.fhir()}]}
+            {
+                "linkId": item.link_id,
+                "text": item.text,
+                "answer": [{"valueCoding": answers[item.name].coding.fhir()}],
+            }
             for item in self._items
             if item.name in answers
         ]
@@ -339,7 +353,9 @@ class QuestionnaireMapper(_Mapper):
             obs["valueQuantity"] = {"value": value, **_SCORE_UNIT}
             if score.bands:
                 band = next(b for b in score.bands if value <= b.maximum)
-                obs["interpretation"] = [{"coding": [band.coding.fhir()], "text": band.text or band.coding.display}]
+                obs["interpretation"] = [
+                    {"coding": [band.coding.fhir()], "text": band.text or band.coding.display}
+                ]
             obs["device"] = _reference(ctx.device_full_url)
             obs["derivedFrom"] = [_reference(qr_url)]
             resources.append(_mapped(obs, ident, url))
@@ -357,7 +373,9 @@ class QuestionnaireMapper(_Mapper):
             obs["performer"] = [_reference(patient)]
             obs["valueCodeableConcept"] = {"coding": [option.coding.fhir()], "text": option.coding.display}
             if io.positive:
-                obs["interpretation"] = orjson.loads(_POSITIVE if option.coding.code in io.positive else _NEGATIVE)
+                obs["interpretation"] = orjson.loads(
+                    _POSITIVE if option.coding.code in io.positive else _NEGATIVE
+                )
             obs["device"] = _reference(ctx.device_full_url)
             obs["derivedFrom"] = [_reference(qr_url)]
             resources.append(_mapped(obs, ident, url))
@@ -371,7 +389,9 @@ class QuestionnaireMapper(_Mapper):
         high: dict[str, AnswerOption] = {}
         for item in self._items:
             options = self.spec.answer_lists[item.answers]
-            ordered = sorted(options, key=lambda o: o.score) if options[0].score is not None else list(options)
+            ordered = (
+                sorted(options, key=lambda o: o.score or 0) if options[0].score is not None else list(options)
+            )
             low[item.name], high[item.name] = ordered[0], ordered[-1]
         return [low, high]
 
@@ -403,7 +423,10 @@ class QuestionnaireMapper(_Mapper):
                 answer: dict[str, Any] = {}
                 if option.score is not None:
                     answer["extension"] = [
-                        {"url": "http://hl7.org/fhir/StructureDefinition/ordinalValue", "valueDecimal": option.score}
+                        {
+                            "url": "http://hl7.org/fhir/StructureDefinition/ordinalValue",
+                            "valueDecimal": option.score,
+                        }
                     ]
                 answer["valueCoding"] = option.coding.fhir()
                 options.append(answer)
@@ -454,7 +477,7 @@ def compile_spec(spec: Spec, problems: Problems) -> _Mapper | None:
             env = qmapper.variables(answers)
             try:
                 result = evaluators[score.role]({}, env)
-            except Exception as exc:  # noqa: BLE001 - report whatever fhirpathpy raises as a spec problem
+            except Exception as exc:
                 problems.add(("scores", i, "expression"), f"FHIRPath fails on a sample record: {exc}")
                 break
             if qmapper.evaluate(score, {}, env) is None:
@@ -467,8 +490,8 @@ def compile_spec(spec: Spec, problems: Problems) -> _Mapper | None:
     if len(problems.items) != before:
         return None
     for answers in qmapper.samples():
-        result = qmapper.build(datetime(2024, 5, 1, 8, 30, tzinfo=UTC), answers, _SAMPLE_CONTEXT)
-        for res in result.resources:
+        built = qmapper.build(datetime(2024, 5, 1, 8, 30, tzinfo=UTC), answers, _SAMPLE_CONTEXT)
+        for res in built.resources:
             _check_fhir(res.resource, problems, res.resource_type)
     _check_fhir(qmapper.questionnaire(), problems, "Questionnaire")
     return qmapper if len(problems.items) == before else None

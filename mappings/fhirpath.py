@@ -23,7 +23,7 @@ class _Collect(ErrorListener):  # type: ignore[misc]
     def __init__(self) -> None:
         self.errors: list[str] = []
 
-    def syntaxError(  # noqa: N802 - ANTLR's method name
+    def syntaxError(
         self, recognizer: Any, offendingSymbol: Any, line: int, column: int, msg: str, e: Any
     ) -> None:
         self.errors.append(f"column {column + 1}: {msg}")
@@ -38,7 +38,7 @@ def syntax_errors(expression: str) -> list[str]:
     parser = FHIRPathParser(CommonTokenStream(lexer))
     parser.removeErrorListeners()
     parser.addErrorListener(listener)
-    parser.entireExpression()
+    parser.entireExpression()  # type: ignore[no-untyped-call]
     return listener.errors
 
 

@@ -1,4 +1,4 @@
-"""Deterministic identity for everything the bridge writes: identifiers, ``urn:uuid:`` full URLs, the app's Device.
+"""Deterministic identity for what the bridge writes: identifiers, ``urn:uuid:`` full URLs, the app's Device.
 
 Re-sending the same record must produce byte-identical resources with the same identifiers, so an EHR
 (or our own outbox) can recognise a duplicate. Identifier values are hashes, not the vendor's record

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 from datetime import UTC, date, datetime, timedelta
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, TypedDict
 
 from marshmallow import RAISE, Schema, ValidationError, fields
@@ -39,7 +40,7 @@ class Problem(str):
         obj.code = code
         return obj
 
-    def format(self, *args: object, **kwargs: object) -> Problem:  # type: ignore[override]
+    def format(self, *args: object, **kwargs: object) -> Problem:
         return Problem(self.code, str.format(self, *args, **kwargs))
 
 
@@ -49,7 +50,7 @@ class RecordContext(TypedDict):
 
 RECORD_CONTEXT = Context[RecordContext]
 
-_COMMON = {
+_COMMON: dict[str, str | list[Any] | dict[Any, Any]] = {
     "required": Problem("missing", "This field is required."),
     "null": Problem("missing", "This field is required and may not be null."),
 }
@@ -61,6 +62,8 @@ def _num(value: Any) -> float | int:
         raise ValidationError(Problem("wrong-type", "Must be a number."))
     if isinstance(value, float) and not math.isfinite(value):
         raise ValidationError(Problem("wrong-type", "Must be a finite number."))
+    if isinstance(value, int) and abs(value) > 2**53:  # would lose precision (or overflow) as a float
+        raise ValidationError(Problem("out-of-range", "The number is far outside the accepted range."))
     return value
 
 
@@ -95,7 +98,9 @@ class DateTimeField(_Field):
             )
         if offset.microseconds or offset.seconds % 60 or abs(offset) > _MAX_OFFSET:
             raise ValidationError(
-                Problem("invalid-date-time", "The UTC offset must be whole minutes between -14:00 and +14:00.")
+                Problem(
+                    "invalid-date-time", "The UTC offset must be whole minutes between -14:00 and +14:00."
+                )
             )
         if parsed < EARLIEST:
             raise ValidationError(Problem("too-early", "The date-time is before 1900."))
@@ -142,8 +147,9 @@ class IntegerField(_Field):
 
 
 def _rounded(value: float, decimals: int) -> float | int:
-    value = round(value, decimals)
-    return int(value) if decimals == 0 else value
+    """Half away from zero, on the decimal text of the value (Python's round() rounds half to even)."""
+    exact = Decimal(repr(value)).quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_HALF_UP)
+    return int(exact) if decimals == 0 else float(exact)
 
 
 class DecimalField(_Field):
@@ -152,7 +158,10 @@ class DecimalField(_Field):
         self.minimum, self.maximum, self.decimals = minimum, maximum, decimals
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> float | int:
-        number = _rounded(float(_num(value)), self.decimals)
+        number = float(_num(value))
+        if not self.minimum - 1 <= number <= self.maximum + 1:  # before rounding: 1e308 cannot be rounded
+            raise _range_error(self.minimum, self.maximum)
+        number = _rounded(number, self.decimals)
         if not self.minimum <= number <= self.maximum:
             raise _range_error(self.minimum, self.maximum)
         return number
@@ -162,7 +171,14 @@ class QuantityField(_Field):
     """A number in the canonical unit, or ``{"value": n, "unit": "<accepted UCUM unit>"}`` converted to it."""
 
     def __init__(
-        self, *, unit: str, accept: tuple[str, ...], minimum: float, maximum: float, decimals: int, **kwargs: Any
+        self,
+        *,
+        unit: str,
+        accept: tuple[str, ...],
+        minimum: float,
+        maximum: float,
+        decimals: int,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.unit, self.accept = unit, accept
@@ -171,7 +187,7 @@ class QuantityField(_Field):
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> float | int:
         if isinstance(value, dict):
             unknown = sorted(set(value) - {"value", "unit"})
-            errors: dict[str, list[Problem]] = {
+            errors: dict[str, Any] = {
                 key: [Problem("unknown-field", "Unknown field; a quantity has `value` and `unit`.")]
                 for key in unknown
             }
@@ -192,12 +208,15 @@ class QuantityField(_Field):
                 try:
                     number = float(_num(value["value"]))
                 except ValidationError as exc:
-                    errors["value"] = exc.messages  # type: ignore[assignment]
+                    errors["value"] = exc.messages
             if errors:
-                raise ValidationError(errors)  # type: ignore[arg-type]
+                raise ValidationError(errors)
+            assert isinstance(unit, str)  # checked above: one of self.accept
             number = convert(number, unit, self.unit)
         else:
             number = float(_num(value))
+        if not self.minimum - 1 <= number <= self.maximum + 1:  # before rounding: 1e308 cannot be rounded
+            raise _range_error(self.minimum, self.maximum, self.unit)
         result = _rounded(number, self.decimals)
         if not self.minimum <= result <= self.maximum:
             raise _range_error(self.minimum, self.maximum, self.unit)
@@ -241,13 +260,18 @@ class RecordSchema(Schema):
         unknown = RAISE
 
     error_messages = {  # noqa: RUF012 - marshmallow reads this class attribute
-        "unknown": Problem("unknown-field", "Unknown field; see the measure's data shape in mappings/README.md."),
+        "unknown": Problem(
+            "unknown-field", "Unknown field; see the measure's data shape in mappings/README.md."
+        ),
         "type": Problem("wrong-type", "Must be a JSON object."),
     }
 
 
 class _Nested(fields.Nested):
-    default_error_messages = {**_COMMON, "type": Problem("wrong-type", "Must be a JSON object.")}
+    default_error_messages: dict[str, str | list[Any] | dict[Any, Any]] = {  # noqa: RUF012 - read by marshmallow
+        **_COMMON,
+        "type": Problem("wrong-type", "Must be a JSON object."),
+    }
 
 
 def _build(name: str, members: dict[str, fields.Field]) -> Schema:  # type: ignore[type-arg]
@@ -268,7 +292,9 @@ def observation_schema(measure: str, specs: tuple[FieldSpec, ...]) -> Schema:
             members[f.name] = IntegerField(minimum=f.minimum, maximum=f.maximum, **common)
         elif f.type == "decimal":
             assert f.minimum is not None and f.maximum is not None and f.decimals is not None
-            members[f.name] = DecimalField(minimum=f.minimum, maximum=f.maximum, decimals=f.decimals, **common)
+            members[f.name] = DecimalField(
+                minimum=f.minimum, maximum=f.maximum, decimals=f.decimals, **common
+            )
         else:
             assert f.unit is not None and f.minimum is not None and f.maximum is not None
             assert f.decimals is not None

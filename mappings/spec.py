@@ -263,7 +263,7 @@ class _Reader:
     def text(self, node: LineDict, key: str, path: Path_, *, default: Any = _MISSING) -> str | None:
         value = node.get(key, default)
         if value is _MISSING or value is None:
-            return None if default is _MISSING else default  # type: ignore[no-any-return]
+            return None if default is _MISSING else default
         if not isinstance(value, str) or not value.strip():
             self.p.add((*path, key), "expected a non-empty text")
             return None
@@ -285,7 +285,9 @@ class _Reader:
             return default
         return value
 
-    def matching(self, node: LineDict, key: str, path: Path_, pattern: re.Pattern[str], what: str) -> str | None:
+    def matching(
+        self, node: LineDict, key: str, path: Path_, pattern: re.Pattern[str], what: str
+    ) -> str | None:
         value = self.text(node, key, path)
         if value is not None and not pattern.match(value):
             self.p.add((*path, key), f"`{value}` is not a valid {what}")
@@ -347,13 +349,13 @@ def parse_spec(root: Any, file: str, problems: Problems) -> Spec | None:
         return None
     version = root.get("version")
     if version != FORMAT_VERSION:
-        problems.add(("version",), f"unsupported spec format version {version!r}; this engine reads version 1")
+        problems.add(
+            ("version",), f"unsupported spec format version {version!r}; this engine reads version 1"
+        )
     before = len(problems.items)
-    spec: Spec | None
-    if kind == "observation":
-        spec = _observation(r, root, file)
-    else:
-        spec = _questionnaire(r, root, file)
+    spec: Spec | None = (
+        _observation(r, root, file) if kind == "observation" else _questionnaire(r, root, file)
+    )
     return spec if len(problems.items) == before and version == FORMAT_VERSION else None
 
 
@@ -493,7 +495,9 @@ def _value(r: _Reader, node: Any, path: Path_, fields: dict[str, FieldSpec]) -> 
     if field.type == "quantity" and "unit" in m:
         r.p.add((*path, "unit"), f"`{name}` is a quantity and already has its unit")
     if field.type == "decimal" and unit is None:
-        r.p.add(path, f"`{name}` is a decimal: give the value a `unit` (US Core: quantities carry UCUM units)")
+        r.p.add(
+            path, f"`{name}` is a decimal: give the value a `unit` (US Core: quantities carry UCUM units)"
+        )
     return ValueSpec(field.name, unit)
 
 
@@ -553,9 +557,8 @@ def _observation(r: _Reader, root: LineDict, file: str) -> ObservationSpec | Non
         r.p.add(path, "an observation needs a `value` or `components`")
     elif value is not None and not fields[value.field].required:
         r.p.add((*path, "value", "field"), "the Observation value must come from a required field")
-    elif value is None and components and not require_any:
-        if not any(fields[c.value.field].required for c in components):
-            r.p.add(path, "all components are optional: add `require_any` so an Observation is never empty")
+    elif value is None and not require_any and not any(fields[c.value.field].required for c in components):
+        r.p.add(path, "all components are optional: add `require_any` so an Observation is never empty")
 
     measurements: list[MeasurementSpec] = []
     if "measurements" in root:
@@ -635,7 +638,7 @@ def _questionnaire(r: _Reader, root: LineDict, file: str) -> QuestionnaireSpec |
     category = r.concepts(root.get("category"), ("category",))
 
     lists: dict[str, tuple[AnswerOption, ...]] = {}
-    raw_lists = r.mapping(root.get("answer_lists"), ("answer_lists",), any_keys=True) or {}
+    raw_lists: dict[str, Any] = r.mapping(root.get("answer_lists"), ("answer_lists",), any_keys=True) or {}
     for name, node in raw_lists.items():
         lp: Path_ = ("answer_lists", name)
         options: list[AnswerOption] = []
@@ -643,17 +646,17 @@ def _questionnaire(r: _Reader, root: LineDict, file: str) -> QuestionnaireSpec |
             om = r.mapping(item, (*lp, i), required=("system", "code"), optional=("display", "score"))
             if om is None:
                 continue
-            score = r.number(om, "score", (*lp, i))
+            option_score = r.number(om, "score", (*lp, i))
             coding = r.coding(_without(om, "score"), (*lp, i))
             if coding is not None:
-                options.append(AnswerOption(coding, score))
+                options.append(AnswerOption(coding, option_score))
         codes = [o.coding.code for o in options]
         for dup in sorted({c for c in codes if codes.count(c) > 1}):
             r.p.add(lp, f"answer code `{dup}` appears twice")
-        scores = [o.score for o in options if o.score is not None]
-        if scores and len(scores) != len(options):
+        option_scores = [o.score for o in options if o.score is not None]
+        if option_scores and len(option_scores) != len(options):
             r.p.add(lp, "either every answer of a list has a `score` or none has")
-        if len(set(scores)) != len(scores):
+        if len(set(option_scores)) != len(option_scores):
             r.p.add(lp, "two answers have the same score, so a score cannot name one answer")
         lists[name] = tuple(options)
 
@@ -873,7 +876,10 @@ def _item_observation(
         for i, value in enumerate(r.seq(m["positive"], (*path, "positive")) or ()):
             known = {o.coding.code for o in lists.get(item.answers, ())} if item else set()
             if item is not None and value not in known:
-                r.p.add((*path, "positive", i), f"answer code `{value}` is not in the answer list `{item.answers}`")
+                r.p.add(
+                    (*path, "positive", i),
+                    f"answer code `{value}` is not in the answer list `{item.answers}`",
+                )
             else:
                 positive.append(str(value))
     measurement = (

@@ -35,7 +35,9 @@ def test_every_measure_has_golden_examples_and_every_input_its_expected_output()
     for case in CASES:
         assert _expected(case).exists(), f"{case.name} has no expected output"
     for measure in measures:
-        successes = [c for c in CASES if c.parent.name == measure and "resourceType" in _expected(c).read_text()]
+        successes = [
+            c for c in CASES if c.parent.name == measure and "resourceType" in _expected(c).read_text()
+        ]
         assert successes, f"{measure} has no example that maps successfully"
 
 
@@ -58,11 +60,17 @@ def test_map_lists_the_catalogue() -> None:
 def test_map_options_change_identity_and_references(tmp_path: Path) -> None:
     case = EXAMPLES / "mood" / "check-in.input.json"
     default = CliRunner().invoke(cli, ["map", "mood", str(case)])
-    custom = CliRunner().invoke(
-        cli,
-        ["map", "mood", str(case), "--vendor", "acme", "--vendor-name", "Acme Mood", "--record-id", "r-9"]
-        + ["--patient", "Patient/123"],
-    )
+    options = [
+        "--vendor",
+        "acme",
+        "--vendor-name",
+        "Acme Mood",
+        "--record-id",
+        "r-9",
+        "--patient",
+        "Patient/123",
+    ]
+    custom = CliRunner().invoke(cli, ["map", "mood", str(case), *options])
     assert default.exit_code == custom.exit_code == 0
     bundle = json.loads(custom.stdout)
     device, observation = (e["resource"] for e in bundle["entry"])

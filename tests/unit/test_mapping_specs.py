@@ -40,7 +40,9 @@ def test_three_different_mistakes_are_all_reported_with_file_and_line(tmp_path: 
     text = text.replace(
         "code: [{system: http://loinc.org, code: 44255-8,", "code: [{code: 44255-8,"
     )  # code without system
-    text = text.replace('expression: "%scores.sum()"', 'expression: "%scores.sum("')  # FHIRPath that does not parse
+    text = text.replace(
+        'expression: "%scores.sum()"', 'expression: "%scores.sum("'
+    )  # FHIRPath that does not parse
     _write(tmp_path, "phq2.yaml", text)
 
     problems = _problems(tmp_path)
@@ -64,7 +66,11 @@ def test_the_error_message_lists_every_problem_as_file_line_message(tmp_path: Pa
 def test_problems_in_several_files_are_reported_together(tmp_path: Path) -> None:
     gad7 = (DEFAULT_FOLDER / "gad7.yaml").read_text().replace("same_as: LA6570-1", "same_as: LA9999-9")
     hrv = (DEFAULT_FOLDER / "hrv.yaml").read_text().replace("accept_units: [s]", "accept_units: [s, /min]")
-    steps = (DEFAULT_FOLDER / "steps-daily.yaml").read_text().replace("  steps: {type: integer", "  steps: {type: integr")
+    steps = (
+        (DEFAULT_FOLDER / "steps-daily.yaml")
+        .read_text()
+        .replace("  steps: {type: integer", "  steps: {type: integr")
+    )
     _write(tmp_path, "gad7.yaml", gad7)
     _write(tmp_path, "hrv.yaml", hrv)
     _write(tmp_path, "steps-daily.yaml", steps)
@@ -84,18 +90,54 @@ def test_problems_in_several_files_are_reported_together(tmp_path: Path) -> None
         ("mood.yaml", "id: mood", "id: Mood!", "id: Mood!", "not a valid measure id"),
         ("mood.yaml", "id: mood", "id: moods", "id: moods", "must match the file name"),
         ("mood.yaml", "max: 10,", "max: -1,", "max: -1", "min is greater than max"),
-        ("sleep-duration.yaml", "system: http://loinc", "system: loinc", "system: loinc", "not an absolute URI"),
-        ("mood.yaml", "code: mood-rating, display", "code: mood-ratings, display", "mood-ratings", "is not a code of"),
-        ("sleep-duration.yaml", "{start: start, end: end}", "{start: start}", "{start: start}", "both `start"),
-        ("sleep-duration.yaml", "value: {field: duration}", "value: {field: length}", "length", "no field named"),
-        ("sleep-duration.yaml", "code: min, display: min}", "code: minutes, display: min}", "code: minutes", "unknown UCUM"),
+        (
+            "sleep-duration.yaml",
+            "system: http://loinc",
+            "system: loinc",
+            "system: loinc",
+            "not an absolute URI",
+        ),
+        (
+            "mood.yaml",
+            "code: mood-rating, display",
+            "code: mood-ratings, display",
+            "mood-ratings",
+            "is not a code of",
+        ),
+        (
+            "sleep-duration.yaml",
+            "{start: start, end: end}",
+            "{start: start}",
+            "{start: start}",
+            "both `start",
+        ),
+        (
+            "sleep-duration.yaml",
+            "value: {field: duration}",
+            "value: {field: length}",
+            "length",
+            "no field named",
+        ),
+        (
+            "sleep-duration.yaml",
+            "code: min, display: min}",
+            "code: minutes, display: min}",
+            "code: minutes",
+            "unknown UCUM",
+        ),
         ("phq9.yaml", "{min: 5, max: 9,", "{min: 6, max: 9,", "{min: 6, max: 9,", "without gaps"),
         ("phq9.yaml", "positive: [LA6569-3", "positive: [LA0000-0", "LA0000-0", "not in the answer list"),
         ("phq9.yaml", "    answers: LL359-1", "    answers: LL999-9", "LL999-9", "no answer list named"),
         ("phq9.yaml", "  - name: item2\n", "  - name: item1\n", "name: item1", "two items have the name"),
         ("phq9.yaml", "%scores.sum()", "%scores.count() * 10", "count()", "expected one number between"),
         ("phq9.yaml", "%scores.sum()", "%score.sum()", "%score.sum()", "FHIRPath fails"),
-        ("dwai.yaml", "kind: questionnaire\n", "kind: questionnaire\nkind: observation\n", "kind: observation", "twice"),
+        (
+            "dwai.yaml",
+            "kind: questionnaire\n",
+            "kind: questionnaire\nkind: observation\n",
+            "kind: observation",
+            "twice",
+        ),
         ("dwai.yaml", "  - role: bond", "  - role: total", "role: total", "role `total` is used twice"),
         ("mood.yaml", "  rating: {type: integer", "  rating: [type: integer", "[type", "not valid YAML"),
     ],

@@ -18,7 +18,7 @@ import orjson
 from marshmallow import Schema, ValidationError
 
 from mappings import fhir_models
-from mappings.fhirpath import Evaluator, compile_expression
+from mappings.fhirpath import Evaluator, compile_expression, reference_evaluator
 from mappings.identity import RECORD_IDENTIFIER_SYSTEM, full_url, identifier_value
 from mappings.model import MappedResource, MappingContext, MapResult, Measurement, Rejection
 from mappings.records import observation_schema, questionnaire_schema, rejections
@@ -40,10 +40,25 @@ PATIENT_SUPPLIED = {
     "display": "Patient supplied",
 }
 INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
-_POSITIVE = orjson.dumps(
+
+
+def fresh(value: Any) -> Callable[[], Any]:
+    """A function returning a new deep copy of a JSON-like constant on every call.
+
+    Resources are handed to callers that may change them (delivery rewrites references), so constant
+    parts cannot be shared; generated literal code copies them several times faster than ``deepcopy``
+    or an ``orjson`` round trip. ``repr`` of dicts, lists, strings, numbers, booleans and ``None`` is
+    Python source for an equal value, and the values come from specs already checked at load.
+    """
+    namespace: dict[str, Any] = {}
+    exec(f"def make():\n    return {value!r}\n", namespace)  # noqa: S102 - source is repr() of checked JSON data
+    return namespace["make"]  # type: ignore[no-any-return]
+
+
+_POSITIVE = fresh(
     [{"coding": [{"system": INTERPRETATION, "code": "POS", "display": "Positive"}], "text": "Positive"}]
 )
-_NEGATIVE = orjson.dumps(
+_NEGATIVE = fresh(
     [{"coding": [{"system": INTERPRETATION, "code": "NEG", "display": "Negative"}], "text": "Negative"}]
 )
 _SCORE_UNIT = {"unit": "{score}", "system": UCUM, "code": "{score}"}
@@ -113,7 +128,7 @@ class ObservationMapper(_Mapper):
             key, build = _value_builder(spec.value, self.fields)
             self._value = (key, spec.value.field, build)
         self._components = [
-            (orjson.dumps(c.code.fhir()), c.value.field, *_value_builder(c.value, self.fields))
+            (fresh(c.code.fhir()), c.value.field, *_value_builder(c.value, self.fields))
             for c in spec.components
         ]
         skeleton: dict[str, Any] = {
@@ -134,7 +149,7 @@ class ObservationMapper(_Mapper):
         skeleton["device"] = None
         if self._components:
             skeleton["component"] = None
-        self._skeleton = orjson.dumps(skeleton)
+        self._skeleton = fresh(skeleton)
 
     def map(self, data: dict[str, Any], ctx: MappingContext) -> MapResult:
         try:
@@ -161,7 +176,7 @@ class ObservationMapper(_Mapper):
         """Fill the skeleton from validated values (also used at load, with sample values)."""
         spec = self.spec
         ident, url = _identity(spec.id, "main", ctx)
-        res = orjson.loads(self._skeleton)
+        res = self._skeleton()
         res["identifier"] = [{"system": RECORD_IDENTIFIER_SYSTEM, "value": ident}]
         res["subject"] = _reference(ctx.patient_reference)
         eff = spec.effective
@@ -183,7 +198,7 @@ class ObservationMapper(_Mapper):
         res["device"] = _reference(ctx.device_full_url)
         if self._components:
             res["component"] = [
-                {"code": orjson.loads(code), key: build(values[name])}
+                {"code": code(), key: build(values[name])}
                 for code, name, key, build in self._components
                 if name in values
             ]
@@ -224,6 +239,14 @@ class QuestionnaireMapper(_Mapper):
         self._category = [c.fhir() for c in spec.category]
         self._themes = sorted({i.theme for i in spec.items if i.theme})
         self._items = spec.items
+        # One factory per (item, answer): the whole response item is a constant once the answer is known.
+        self._answer_items = {
+            (item.name, option.coding.code): fresh(
+                {"linkId": item.link_id, "text": item.text, "answer": [{"valueCoding": option.coding.fhir()}]}
+            )
+            for item in spec.items
+            for option in spec.answer_lists[item.answers]
+        }
         qr: dict[str, Any] = {
             "resourceType": "QuestionnaireResponse",
             "meta": {"tag": [PATIENT_SUPPLIED]},
@@ -236,7 +259,7 @@ class QuestionnaireMapper(_Mapper):
             "source": None,
             "item": None,
         }
-        self._qr = orjson.dumps(qr)
+        self._qr = fresh(qr)
         self._scores = []
         for score in spec.scores:
             skeleton = self._observation_skeleton(
@@ -245,7 +268,7 @@ class QuestionnaireMapper(_Mapper):
             if score.bands:
                 skeleton["interpretation"] = None
             skeleton["device"] = skeleton["derivedFrom"] = None
-            self._scores.append((score, orjson.dumps(skeleton)))
+            self._scores.append((score, fresh(skeleton)))
         self._item_obs = []
         for io in spec.item_observations:
             skeleton = self._observation_skeleton(
@@ -254,7 +277,7 @@ class QuestionnaireMapper(_Mapper):
             if io.positive:
                 skeleton["interpretation"] = None
             skeleton["device"] = skeleton["derivedFrom"] = None
-            self._item_obs.append((io, orjson.dumps(skeleton)))
+            self._item_obs.append((io, fresh(skeleton)))
 
     def _observation_skeleton(
         self, code: dict[str, Any], *, value_key: str, performer: bool
@@ -317,18 +340,14 @@ class QuestionnaireMapper(_Mapper):
         when = fhir_datetime(authored)
         patient = ctx.patient_reference
         qr_ident, qr_url = _identity(spec.id, "main", ctx)
-        qr = orjson.loads(self._qr)
+        qr = self._qr()
         qr["identifier"] = {"system": RECORD_IDENTIFIER_SYSTEM, "value": qr_ident}
         qr["subject"] = _reference(patient)
         qr["authored"] = when
         qr["author"] = _reference(patient)
         qr["source"] = _reference(patient)
         qr["item"] = [
-            {
-                "linkId": item.link_id,
-                "text": item.text,
-                "answer": [{"valueCoding": answers[item.name].coding.fhir()}],
-            }
+            self._answer_items[item.name, answers[item.name].coding.code]()
             for item in self._items
             if item.name in answers
         ]
@@ -344,7 +363,7 @@ class QuestionnaireMapper(_Mapper):
                 )
                 return MapResult(rejections=(Rejection("score-failed", "answers", message),))
             ident, url = _identity(spec.id, score.role, ctx)
-            obs = orjson.loads(skeleton)
+            obs = skeleton()
             obs["identifier"] = [{"system": RECORD_IDENTIFIER_SYSTEM, "value": ident}]
             obs["subject"] = _reference(patient)
             obs["effectiveDateTime"] = when
@@ -366,16 +385,14 @@ class QuestionnaireMapper(_Mapper):
             if option is None:
                 continue
             ident, url = _identity(spec.id, io.role, ctx)
-            obs = orjson.loads(skeleton)
+            obs = skeleton()
             obs["identifier"] = [{"system": RECORD_IDENTIFIER_SYSTEM, "value": ident}]
             obs["subject"] = _reference(patient)
             obs["effectiveDateTime"] = when
             obs["performer"] = [_reference(patient)]
             obs["valueCodeableConcept"] = {"coding": [option.coding.fhir()], "text": option.coding.display}
             if io.positive:
-                obs["interpretation"] = orjson.loads(
-                    _POSITIVE if option.coding.code in io.positive else _NEGATIVE
-                )
+                obs["interpretation"] = (_POSITIVE if option.coding.code in io.positive else _NEGATIVE)()
             obs["device"] = _reference(ctx.device_full_url)
             obs["derivedFrom"] = [_reference(qr_url)]
             resources.append(_mapped(obs, ident, url))
@@ -473,12 +490,16 @@ def compile_spec(spec: Spec, problems: Problems) -> _Mapper | None:
     evaluators = {score.role: compile_expression(score.expression) for score in spec.scores}
     qmapper = QuestionnaireMapper(spec, evaluators)
     for i, score in enumerate(spec.scores):
+        reference = reference_evaluator(score.expression)
         for answers in qmapper.samples():
             env = qmapper.variables(answers)
             try:
-                result = evaluators[score.role]({}, env)
-            except Exception as exc:
+                result = reference({}, env)
+            except Exception as exc:  # boundary: whatever fhirpathpy raises is a problem of the spec
                 problems.add(("scores", i, "expression"), f"FHIRPath fails on a sample record: {exc}")
+                break
+            if evaluators[score.role]({}, env) != result:  # the fast path must agree with fhirpathpy
+                problems.add(("scores", i, "expression"), "fast evaluation disagrees with fhirpathpy")
                 break
             if qmapper.evaluate(score, {}, env) is None:
                 problems.add(

@@ -9,7 +9,6 @@ expose a vendor's internal ids in the chart.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import uuid
 from typing import Any
@@ -32,13 +31,20 @@ SNOMED = "http://snomed.info/sct"
 
 # UUIDv5 namespace for full URLs: derived from our canonical base, so it is stable across releases.
 _NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, CANONICAL)
+_NAMESPACE_BYTES = _NAMESPACE.bytes
 _SEP = "\x1f"  # ASCII unit separator: cannot occur in the parts, so ("a", "bc") and ("ab", "c") differ
 
 
 def _digest(*parts: str) -> str:
-    """32 characters of ``[a-z2-7]`` (160 bits of SHA-256, base32): collision-free for our purposes."""
-    raw = hashlib.sha256(_SEP.join(parts).encode("utf-8")).digest()[:20]
-    return base64.b32encode(raw).decode("ascii").lower()
+    """32 hex characters (128 bits of SHA-256): collision-free for our purposes, and a valid FHIR id."""
+    return hashlib.sha256(_SEP.join(parts).encode("utf-8")).hexdigest()[:32]
+
+
+def _uuid5(name: str) -> str:
+    """``str(uuid.uuid5(_NAMESPACE, name))`` without building UUID objects (it runs per resource)."""
+    h = hashlib.sha1(_NAMESPACE_BYTES + name.encode("utf-8")).hexdigest()  # noqa: S324 - UUIDv5 is SHA-1 by definition
+    # Version nibble 5; variant bits 10xx (RFC 9562).
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:32]}"
 
 
 def identifier_value(vendor_id: str, record_id: str, measure: str, role: str) -> str:
@@ -48,7 +54,7 @@ def identifier_value(vendor_id: str, record_id: str, measure: str, role: str) ->
 
 def full_url(identifier_system: str, identifier_value: str) -> str:
     """The ``urn:uuid:`` a Bundle entry of this resource carries (UUIDv5 of its identifier)."""
-    return "urn:uuid:" + str(uuid.uuid5(_NAMESPACE, identifier_system + "|" + identifier_value))
+    return "urn:uuid:" + _uuid5(identifier_system + "|" + identifier_value)
 
 
 def device_identifier_value(vendor_id: str) -> str:

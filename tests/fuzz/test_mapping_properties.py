@@ -285,3 +285,32 @@ json_values = st.recursive(
 def test_arbitrary_json_never_raises(measure: str, data: Any) -> None:
     result = CATALOG.map(measure, data, CONTEXT)
     assert result.ok or result.rejections
+
+
+# -- the fast paths agree with the reference implementations -----------------------------------------
+
+
+@pytest.mark.parametrize("expression", ["%scores.sum()", "%scores.count()", "%scores.min()", " %bond . max ( ) "])
+@settings(max_examples=50, deadline=None)
+@given(
+    scores=st.lists(st.integers(0, 5) | st.sampled_from([0.5, 2.25]), max_size=9),
+    bond=st.lists(st.integers(1, 5), max_size=3),
+)
+def test_fast_fhirpath_aggregates_equal_fhirpathpy(expression: str, scores: list[float], bond: list[int]) -> None:
+    from mappings.fhirpath import fast_path, reference_evaluator
+
+    fast = fast_path(expression)
+    assert fast is not None
+    env = {"scores": scores, "bond": bond}
+    assert fast({}, env) == reference_evaluator(expression)({}, env)
+
+
+@settings(max_examples=200, deadline=None)
+@given(system=st.text(max_size=60), value=st.text(max_size=40))
+def test_full_urls_are_standard_uuid5(system: str, value: str) -> None:
+    import uuid
+
+    from mappings.identity import CANONICAL, full_url
+
+    expected = uuid.uuid5(uuid.uuid5(uuid.NAMESPACE_URL, CANONICAL), system + "|" + value)
+    assert full_url(system, value) == f"urn:uuid:{expected}"

@@ -290,13 +290,17 @@ def test_arbitrary_json_never_raises(measure: str, data: Any) -> None:
 # -- the fast paths agree with the reference implementations -----------------------------------------
 
 
-@pytest.mark.parametrize("expression", ["%scores.sum()", "%scores.count()", "%scores.min()", " %bond . max ( ) "])
+@pytest.mark.parametrize(
+    "expression", ["%scores.sum()", "%scores.count()", "%scores.min()", " %bond . max () "]
+)
 @settings(max_examples=50, deadline=None)
 @given(
     scores=st.lists(st.integers(0, 5) | st.sampled_from([0.5, 2.25]), max_size=9),
     bond=st.lists(st.integers(1, 5), max_size=3),
 )
-def test_fast_fhirpath_aggregates_equal_fhirpathpy(expression: str, scores: list[float], bond: list[int]) -> None:
+def test_fast_fhirpath_aggregates_equal_fhirpathpy(
+    expression: str, scores: list[float], bond: list[int]
+) -> None:
     from mappings.fhirpath import fast_path, reference_evaluator
 
     fast = fast_path(expression)

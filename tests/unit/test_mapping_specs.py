@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -251,3 +252,11 @@ def test_a_licensed_text_file_naming_unknown_things_is_refused_with_lines(tmp_pa
     assert ("licensed.yaml", _line(text, "item7:")) in found
     assert ("licensed.yaml", _line(text, "dwai-agreement-9:")) in found
     assert ("licensed.yaml", _line(text, "mood:")) in found
+
+
+def test_a_bad_licensed_text_file_stops_the_service_at_start_up(make_app: Any, tmp_path: Path) -> None:
+    bad = _write(tmp_path, "licensed.yaml", "dwai:\n  items:\n    item9: nope\n")
+    with pytest.raises(MappingSpecError, match=r"licensed\.yaml:3: dwai\.items\.item9: no item named"):
+        make_app(item_text_file=str(bad))
+    good = _write(tmp_path, "ok.yaml", LICENSED)
+    assert make_app(item_text_file=str(good)).test_client().get("/healthz").status_code == 200

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, date, datetime
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -328,11 +329,12 @@ class QuestionnaireMapper(_Mapper):
         """The score's value, or ``None`` when the expression does not yield one number in range."""
         try:
             result = self._evaluators[score.role](qr, env)
-        except Exception:
+        except Exception:  # boundary: fhirpathpy raises bare Exceptions; a failed score becomes a rejection
             return None
-        if len(result) != 1 or isinstance(result[0], bool) or not isinstance(result[0], int | float):
+        number = result[0] if len(result) == 1 else None
+        if isinstance(number, bool) or not isinstance(number, int | float | Decimal):
             return None
-        value = _as_number(round(float(result[0]), 6))
+        value = _as_number(round(float(number), 6))
         return value if score.minimum <= value <= score.maximum else None
 
     def build(self, authored: datetime, answers: dict[str, AnswerOption], ctx: MappingContext) -> MapResult:

@@ -6,6 +6,7 @@ import importlib
 import sys
 
 BENCHMARKS = {
+    "mapping": ("bench.bench_mapping", "map 10,000 native records to FHIR on one core (TARGETS.md row 1)"),
     "dashboard": (
         "bench.bench_dashboard",
         "SMART dashboard: server time for 10,000 Observations vs a bare client, and time to interactive",

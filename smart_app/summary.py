@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from mappings.identity import CANONICAL, CODE_SYSTEM_URL
+
 LOINC = "http://loinc.org"
-CANONICAL = "https://fhir-bridge.org/fhir"
-OUR_CODES = CANONICAL + "/CodeSystem/fhir-bridge"
+OUR_CODES = CODE_SYSTEM_URL
 
 
 @dataclass(frozen=True)

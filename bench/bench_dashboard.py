@@ -41,7 +41,7 @@ def floor_fetch(base: str, token: str) -> int:
         count += len(page.get("entry") or [])
         url = next((link["url"] for link in page.get("link") or [] if link.get("relation") == "next"), None)
     for path in (
-        f"Flag?patient={PATIENT}&status=active&_count=100",
+        f"Flag?patient={PATIENT}&_count=100",
         f"Task?patient={PATIENT}&_count=100",
         f"Patient/{PATIENT}",
     ):

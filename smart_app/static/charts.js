@@ -307,6 +307,7 @@ const FBCharts = (() => {
     });
     let active = 0;
     let lastMonth = -1;
+    let lastLabel = -9;
     for (let w = 0; w < weeks; w++) {
       for (let d = 0; d < 7; d++) {
         const day = new Date(start.getTime() + (w * 7 + d) * DAY);
@@ -314,7 +315,10 @@ const FBCharts = (() => {
         const key = day.toISOString().slice(0, 10);
         if (d === 0 && day.getUTCMonth() !== lastMonth) {
           lastMonth = day.getUTCMonth();
-          el("text", { x: 30 + w * (size + gap), y: 10, class: "tick" }, svg).textContent = fmtMonth.format(day);
+          if (w - lastLabel >= 3) {
+            lastLabel = w;
+            el("text", { x: 30 + w * (size + gap), y: 10, class: "tick" }, svg).textContent = fmtMonth.format(day);
+          }
         }
         const minutes = byDay.get(key);
         let level = "none";

@@ -317,8 +317,10 @@ class TokenIssuer:
         expires_in: int | None = None,
         include_refresh_token: bool = False,
     ) -> dict[str, Any]:
-        now = int(self.clock())
-        entry = self.keyring.signing_key(datetime.fromtimestamp(now, UTC))
+        exact = self.clock()
+        # Look the key up at the exact time: a key activated a fraction of a second ago must count.
+        entry = self.keyring.signing_key(datetime.fromtimestamp(exact, UTC))
+        now = int(exact)
         claims = {
             "iss": self.issuer(),
             "aud": self.issuer(),

@@ -50,13 +50,13 @@ class RecordSchema(Schema):
     record_id = fields.String(
         required=True,
         validate=validate.Regexp(
-            RECORD_ID, error="must be 1-200 characters: letters, digits and . _ : @ / - (no spaces)"
+            rf"(?:{RECORD_ID})\Z", error="must be 1-200 characters: letters, digits and . _ : @ / - (no spaces)"
         ),
     )
     app_user_id = fields.String(
         required=True,
         validate=validate.Regexp(
-            APP_USER_ID.pattern, error="must be 1-128 ASCII letters, digits and . _ : @ -"
+            rf"(?:{APP_USER_ID.pattern})\Z", error="must be 1-128 ASCII letters, digits and . _ : @ -"
         ),
     )
     measure = fields.String(required=True, validate=validate.Length(min=1, max=100))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 
 RECORD_ID = r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}"
 IDEMPOTENCY_KEY_MAX = 255
+NOT_ENROLLED = (
+    "This app user has no active enrollment with your app: claim a pairing code first "
+    "(POST /api/v1/enrollments/claim)."
+)
 
 
 class RecordSchema(Schema):
@@ -50,7 +54,8 @@ class RecordSchema(Schema):
     record_id = fields.String(
         required=True,
         validate=validate.Regexp(
-            rf"(?:{RECORD_ID})\Z", error="must be 1-200 characters: letters, digits and . _ : @ / - (no spaces)"
+            rf"(?:{RECORD_ID})\Z",
+            error="must be 1-200 characters: letters, digits and . _ : @ / - (no spaces)",
         ),
     )
     app_user_id = fields.String(
@@ -109,6 +114,7 @@ class Outcome:
     status: int
     body: bytes
     replayed: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 def _marshmallow_problems(messages: Any, prefix: str = "") -> list[Problem]:
@@ -227,7 +233,7 @@ def _data_path(field_name: str) -> str:
     )
 
 
-def _existing_records(
+def existing_records(
     session: Session, vendor: VendorClient, record_ids: Iterable[str]
 ) -> dict[str, uuid.UUID]:
     ids = list(record_ids)
@@ -243,33 +249,47 @@ def _existing_records(
     return found
 
 
-def push(
+@dataclass
+class Work:
+    """What a push produced inside its transaction, for :func:`submit` to record."""
+
+    status: int
+    response: dict[str, Any]
+    counts: dict[str, int]
+    prepared: list[Prepared]
+    group_key: str | None = None
+    extra_headers: dict[str, str] = field(default_factory=dict)
+
+
+def submit(
     db: Database,
-    mapper: Mapper,
     *,
     vendor: VendorClient,
-    records: list[Any],
+    kind: str,
     body: bytes,
     idempotency_key: str | None,
+    work: Callable[[Session, uuid.UUID, datetime], Work],
     now: datetime | None = None,
 ) -> Outcome:
-    """Process one batch; see the module docstring. Retries once if a concurrent push raced us."""
+    """Run ``work`` and record its submission, records and outbox items in one transaction.
+
+    Retries once when a concurrent push inserted one of the same record ids (or the same key) after
+    we looked: the second run sees those records as duplicates (or replays the key).
+    """
     try:
-        return _push_once(db, mapper, vendor=vendor, records=records, body=body, key=idempotency_key, now=now)
+        return _submit_once(db, vendor=vendor, kind=kind, body=body, key=idempotency_key, work=work, now=now)
     except IntegrityError:
-        # Another request inserted one of these record ids (or this key) after we looked: run again,
-        # and those records now come back as duplicates (or the key replays).
-        return _push_once(db, mapper, vendor=vendor, records=records, body=body, key=idempotency_key, now=now)
+        return _submit_once(db, vendor=vendor, kind=kind, body=body, key=idempotency_key, work=work, now=now)
 
 
-def _push_once(
+def _submit_once(
     db: Database,
-    mapper: Mapper,
     *,
     vendor: VendorClient,
-    records: list[Any],
+    kind: str,
     body: bytes,
     key: str | None,
+    work: Callable[[Session, uuid.UUID, datetime], Work],
     now: datetime | None,
 ) -> Outcome:
     now = now or datetime.now(UTC)
@@ -280,64 +300,51 @@ def _push_once(
             previous = replay(session, vendor, key, body_hash)
             if previous is not None:
                 return previous
-
-        results: list[Result] = []
-        valid: list[tuple[Result, dict[str, Any]]] = []
-        for index, raw in enumerate(records):
-            result = Result(index=index, record_id=raw.get("record_id") if isinstance(raw, dict) else None)
-            if not isinstance(result.record_id, str):
-                result.record_id = None
-            results.append(result)
-            if not isinstance(raw, dict):
-                result.errors.append(
-                    Problem("invalid-record", f"records[{index}]", "each record must be a JSON object")
-                )
-                continue
-            try:
-                valid.append((result, _RECORD_SCHEMA.load(raw)))
-            except ValidationError as exc:
-                result.errors = _marshmallow_problems(exc.messages)
-
-        enrollments = active_by_app_user(session, vendor.id, {rec["app_user_id"] for _, rec in valid})
-        existing = _existing_records(session, vendor, {rec["record_id"] for _, rec in valid})
-        seen_in_batch: dict[str, Result] = {}
-        prepared: list[Prepared] = []
-        for result, rec in valid:
-            record_id = rec["record_id"]
-            if record_id in existing:
-                result.status, result.id = "duplicate", str(existing[record_id])
-                continue
-            first = seen_in_batch.get(record_id)
-            if first is not None and first.status == "accepted":
-                result.status, result.id = "duplicate", first.id
-                continue
-            enrollment = enrollments.get(rec["app_user_id"])
-            if enrollment is None:
-                result.errors.append(
-                    Problem(
-                        "not-enrolled",
-                        "app_user_id",
-                        "This app user has no active enrollment with your app: claim a pairing code first "
-                        "(POST /api/v1/enrollments/claim).",
-                    )
-                )
-                continue
-            resources, problems = mapper.map(
-                vendor=vendor,
-                record_id=record_id,
-                measure=rec["measure"],
-                data=rec["data"],
-                patient_id=enrollment.patient_id,
-                now=now,
-            )
-            if problems:
-                result.errors = problems
-                continue
-            result.status, result.id = "accepted", str(uuid.uuid4())
-            seen_in_batch[record_id] = result
-            prepared.append(Prepared(result, record_id, rec["measure"], enrollment, resources))
-
         submission_id = uuid.uuid4()
+        done = work(session, submission_id, now)
+        response_body = orjson.dumps(done.response)
+        session.add(
+            Submission(
+                id=submission_id,
+                vendor_id=vendor.id,
+                kind=kind,
+                received_at=now,
+                idempotency_key=key,
+                request_hash=body_hash,
+                record_count=sum(done.counts.values()),
+                accepted_count=done.counts.get("accepted", 0),
+                duplicate_count=done.counts.get("duplicate", 0),
+                rejected_count=done.counts.get("rejected", 0),
+                response_status=done.status,
+                response_body=response_body,
+            )
+        )
+        session.flush()
+        write_accepted(
+            session,
+            vendor=vendor,
+            submission_id=submission_id,
+            prepared=done.prepared,
+            now=now,
+            group_key=done.group_key,
+        )
+        return Outcome(done.status, response_body, headers=done.extra_headers)
+
+
+def push(
+    db: Database,
+    mapper: Mapper,
+    *,
+    vendor: VendorClient,
+    records: list[Any],
+    body: bytes,
+    idempotency_key: str | None,
+    now: datetime | None = None,
+) -> Outcome:
+    """Process one native batch; see the module docstring."""
+
+    def work(session: Session, submission_id: uuid.UUID, now: datetime) -> Work:
+        results, prepared = _evaluate(session, mapper, vendor=vendor, records=records, now=now)
         counts = {s: sum(1 for r in results if r.status == s) for s in ("accepted", "duplicate", "rejected")}
         response = {
             "submission_id": str(submission_id),
@@ -345,26 +352,65 @@ def _push_once(
             "counts": counts,
             "results": [r.as_json() for r in results],
         }
-        response_body = orjson.dumps(response)
-        session.add(
-            Submission(
-                id=submission_id,
-                vendor_id=vendor.id,
-                kind="native",
-                received_at=now,
-                idempotency_key=key,
-                request_hash=body_hash,
-                record_count=len(results),
-                accepted_count=counts["accepted"],
-                duplicate_count=counts["duplicate"],
-                rejected_count=counts["rejected"],
-                response_status=200,
-                response_body=response_body,
+        return Work(200, response, counts, prepared)
+
+    return submit(
+        db, vendor=vendor, kind="native", body=body, idempotency_key=idempotency_key, work=work, now=now
+    )
+
+
+def _evaluate(
+    session: Session, mapper: Mapper, *, vendor: VendorClient, records: list[Any], now: datetime
+) -> tuple[list[Result], list[Prepared]]:
+    results: list[Result] = []
+    valid: list[tuple[Result, dict[str, Any]]] = []
+    for index, raw in enumerate(records):
+        result = Result(index=index, record_id=raw.get("record_id") if isinstance(raw, dict) else None)
+        if not isinstance(result.record_id, str):
+            result.record_id = None
+        results.append(result)
+        if not isinstance(raw, dict):
+            result.errors.append(
+                Problem("invalid-record", f"records[{index}]", "each record must be a JSON object")
             )
+            continue
+        try:
+            valid.append((result, _RECORD_SCHEMA.load(raw)))
+        except ValidationError as exc:
+            result.errors = _marshmallow_problems(exc.messages)
+
+    enrollments = active_by_app_user(session, vendor.id, {rec["app_user_id"] for _, rec in valid})
+    existing = existing_records(session, vendor, {rec["record_id"] for _, rec in valid})
+    seen_in_batch: dict[str, Result] = {}
+    prepared: list[Prepared] = []
+    for result, rec in valid:
+        record_id = rec["record_id"]
+        if record_id in existing:
+            result.status, result.id = "duplicate", str(existing[record_id])
+            continue
+        first = seen_in_batch.get(record_id)
+        if first is not None:
+            result.status, result.id = "duplicate", first.id
+            continue
+        enrollment = enrollments.get(rec["app_user_id"])
+        if enrollment is None:
+            result.errors.append(Problem("not-enrolled", "app_user_id", NOT_ENROLLED))
+            continue
+        resources, problems = mapper.map(
+            vendor=vendor,
+            record_id=record_id,
+            measure=rec["measure"],
+            data=rec["data"],
+            patient_id=enrollment.patient_id,
+            now=now,
         )
-        session.flush()
-        write_accepted(session, vendor=vendor, submission_id=submission_id, prepared=prepared, now=now)
-        return Outcome(200, response_body)
+        if problems:
+            result.errors = problems
+            continue
+        result.status, result.id = "accepted", str(uuid.uuid4())
+        seen_in_batch[record_id] = result
+        prepared.append(Prepared(result, record_id, rec["measure"], enrollment, resources))
+    return results, prepared
 
 
 def write_accepted(
@@ -419,4 +465,4 @@ def write_accepted(
     )
 
 
-__all__ = ["Mapper", "Outcome", "Prepared", "Problem", "Result", "push", "write_accepted"]
+__all__ = ["Mapper", "Outcome", "Prepared", "Problem", "Result", "Work", "push", "submit", "write_accepted"]

@@ -68,11 +68,14 @@ def list_enrollments() -> Response:
     if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
         raise BadRequest("limit must be a whole number from 1 to 1000", code="invalid-parameter")
     limit = int(limit_text)
+    app_user_id = request.args.get("app_user_id")
+    if app_user_id is not None:
+        enrollment.check_app_user_id(app_user_id)
     items = enrollment.list_for_vendor(
         services.current().db,
         vendor=current_vendor(),
         status=status,
-        app_user_id=request.args.get("app_user_id"),
+        app_user_id=app_user_id,
         limit=limit,
         after=request.args.get("after"),
     )

@@ -17,6 +17,13 @@ from fhir_bridge.storage.models import Tenant, VendorClient
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 TOKEN_URL = "http://127.0.0.1:8080/oauth/token"
+ALL_SCOPES = (
+    "enrollments",
+    "records.write",
+    "records.read",
+    "system/Observation.c",
+    "system/QuestionnaireResponse.c",
+)
 
 _KEYS: dict[str, RSAKey | ECKey] = {}
 
@@ -86,9 +93,7 @@ class Vendor:
     @property
     def token(self) -> str:
         if self._token is None:
-            response = self.token_request(
-                scope="enrollments records.write records.read system/Observation.c system/QuestionnaireResponse.c"
-            )
+            response = self.token_request(scope=" ".join(ALL_SCOPES))
             assert response.status_code == 200, response.json
             self._token = response.json["access_token"]
         return self._token

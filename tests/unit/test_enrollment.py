@@ -16,6 +16,7 @@ from fhir_bridge.cli import cli
 from fhir_bridge.errors import NotFound
 from fhir_bridge.storage.models import AuditEvent, Enrollment, PairingAttempt
 from tests.conftest import AppFactory
+from tests.support.openapi import assert_matches_spec
 from tests.support.vendor import Vendor, add_tenant, register
 
 
@@ -56,6 +57,7 @@ def _count(app: Flask, model: Any) -> int:
 
 def _uniform(response: Any) -> None:
     assert response.status_code == 422, response.json
+    assert_matches_spec(response, "POST", "/api/v1/enrollments/claim")
     assert response.json["error"] == "invalid-pairing-code"
     assert response.json["message"] == enrollment.INVALID_CODE_MESSAGE
 
@@ -76,6 +78,7 @@ def test_claim_binds_the_app_user_once_and_stores_no_code(app: Flask, acme: Vend
     typed = enrollment.display(created.code).lower()  # people type lower case and keep the dash
     response = acme.claim(typed, "user-42")
     assert response.status_code == 201, response.json
+    assert_matches_spec(response, "POST", "/api/v1/enrollments/claim")
     body = response.json
     assert body["status"] == "active"
     assert body["app_user_id"] == "user-42"
@@ -187,6 +190,7 @@ def test_listing_filters_and_pages(app: Flask, acme: Vendor) -> None:
     acme.delete(f"/api/v1/enrollments/{ids[0]}")
     active = acme.get("/api/v1/enrollments?status=active").json["enrollments"]
     assert sorted(e["id"] for e in active) == sorted(ids[1:])
+    assert_matches_spec(acme.get("/api/v1/enrollments?limit=2"), "GET", "/api/v1/enrollments")
     page = acme.get("/api/v1/enrollments?limit=2").json
     assert len(page["enrollments"]) == 2 and page["next"]
     rest = acme.get(f"/api/v1/enrollments?limit=2&after={page['next']}").json

@@ -9,6 +9,7 @@ from flask import Flask
 
 from fhir_bridge import services
 from tests.conftest import AppFactory
+from tests.support.openapi import assert_matches_spec
 from tests.support.vendor import Vendor, add_tenant, register
 from tests.unit.test_push_payloads import stored
 
@@ -31,10 +32,12 @@ def vendor(app: Flask) -> Vendor:
 def test_every_push_gets_a_submission_the_vendor_can_read(app: Flask, vendor: Vendor) -> None:
     response = vendor.post("/api/v1/records", json=BATCH)
     assert response.status_code == 200
+    assert_matches_spec(response, "POST", "/api/v1/records")
     body = response.json
     assert body["counts"] == {"accepted": 0, "duplicate": 0, "rejected": 1}
     submission = vendor.get(f"/api/v1/submissions/{body['submission_id']}")
     assert submission.status_code == 200
+    assert_matches_spec(submission, "GET", "/api/v1/submissions/{submission_id}")
     assert submission.json["counts"] == {"received": 1, "accepted": 0, "duplicate": 0, "rejected": 1}
     assert submission.json["records"] == []
 
@@ -50,6 +53,7 @@ def test_idempotency_key_replays_conflicts_and_never_duplicates(app: Flask, vend
     conflict = vendor.post("/api/v1/records", json=changed, headers={"Idempotency-Key": "k-1"})
     assert conflict.status_code == 409
     assert conflict.json["error"] == "idempotency-key-reused"
+    assert_matches_spec(conflict, "POST", "/api/v1/records")
     assert stored(app) == (1, 0, 0)
     # keys are per vendor: another vendor's identical key is a new request
     rival = register(app, "rival-app")

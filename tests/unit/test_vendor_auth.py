@@ -11,11 +11,11 @@ import pytest
 import responses
 from flask import Flask
 from joserfc import jwt
-from joserfc.jwk import OctKey
 
 from fhir_bridge import services
 from fhir_bridge.storage.models import UsedAssertion
 from tests.conftest import AppFactory
+from tests.support.openapi import assert_matches_spec
 from tests.support.vendor import Vendor, public_jwks, register, vendor_key
 
 JWKS_URL = "https://keys.vendor.example/jwks.json"
@@ -36,6 +36,7 @@ def _b64(data: dict[str, Any]) -> str:
 
 
 def _invalid_client(response: Any, fragment: str = "") -> None:
+    assert_matches_spec(response, "POST", "/oauth/token")
     assert response.status_code in (400, 401), response.json
     assert response.json["error"] == "invalid_client", response.json
     assert fragment.lower() in response.json["error_description"].lower(), response.json
@@ -55,6 +56,7 @@ def test_signed_assertion_gets_a_short_lived_token_without_refresh(app: Flask, a
     vendor = register(app, f"v-{alg.lower()}", alg=alg)
     response = vendor.token_request(scope="records.write enrollments")
     assert response.status_code == 200, response.json
+    assert_matches_spec(response, "POST", "/oauth/token")
     body = response.json
     assert body["token_type"] == "Bearer"
     assert 0 < body["expires_in"] <= 300
@@ -71,7 +73,9 @@ def test_signed_assertion_gets_a_short_lived_token_without_refresh(app: Flask, a
 
 
 def test_discovery_advertises_what_the_token_endpoint_accepts(client: Any) -> None:
-    config = client.get("/.well-known/smart-configuration").json
+    response = client.get("/.well-known/smart-configuration")
+    assert_matches_spec(response, "GET", "/.well-known/smart-configuration")
+    config = response.json
     assert config["token_endpoint"] == "http://127.0.0.1:8080/oauth/token"
     assert config["token_endpoint_auth_methods_supported"] == ["private_key_jwt"]
     assert set(config["token_endpoint_auth_signing_alg_values_supported"]) == {"RS384", "ES384"}

@@ -174,7 +174,7 @@ def check_resource(
     if not isinstance(resource, dict):
         raise FhirProblem(400, "invalid-resource", "Expected a FHIR resource (a JSON object).", path)
     resource_type = resource.get("resourceType")
-    if resource_type not in SCOPE_FOR:
+    if not isinstance(resource_type, str) or resource_type not in SCOPE_FOR:
         raise FhirProblem(
             422,
             "resource-type-not-accepted",

@@ -69,8 +69,8 @@ def list_enrollments() -> Response:
         raise BadRequest("limit must be a whole number from 1 to 1000", code="invalid-parameter")
     limit = int(limit_text)
     app_user_id = request.args.get("app_user_id")
-    if app_user_id is not None:
-        enrollment.check_app_user_id(app_user_id)
+    if app_user_id is not None and not enrollment.APP_USER_ID.fullmatch(app_user_id):
+        raise BadRequest("app_user_id must be 1-128 ASCII letters, digits and . _ : @ -", code="invalid-parameter")
     items = enrollment.list_for_vendor(
         services.current().db,
         vendor=current_vendor(),

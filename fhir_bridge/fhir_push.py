@@ -287,29 +287,30 @@ def process(
     prepared: list[Prepared] = []
     seen: dict[str, str] = {}
     rewrites: dict[str, str] = {}
-    for index, item in checked:
+    for index, outcome in checked:
         path = entries[index][0]
-        if isinstance(item, FhirProblem):
-            results.append(EntryResult(item.status, problem=item))
+        if isinstance(outcome, FhirProblem):
+            results.append(EntryResult(outcome.status, problem=outcome))
             continue
+        item = outcome
         if item.record_id in existing or item.record_id in seen:
             known = str(existing[item.record_id]) if item.record_id in existing else seen[item.record_id]
             results.append(EntryResult(200, record_uuid=known))
             continue
         enrollment = enrollments.get(item.app_user_id)
         if enrollment is None:
-            problem = FhirProblem(
+            not_enrolled = FhirProblem(
                 422,
                 "not-enrolled",
                 "This app user has no active enrollment with your app: claim a pairing code first.",
                 f"{path if path.startswith('Bundle') else item.resource_type}.subject",
             )
-            results.append(EntryResult(422, problem=problem))
+            results.append(EntryResult(422, problem=not_enrolled))
             continue
         try:
             system, value, our_url, resource = stamp(item, vendor=vendor, enrollment=enrollment, path=path)
-        except FhirProblem as problem:
-            results.append(EntryResult(problem.status, problem=problem))
+        except FhirProblem as invalid:
+            results.append(EntryResult(invalid.status, problem=invalid))
             continue
         if item.full_url:
             rewrites[item.full_url] = our_url
@@ -433,9 +434,9 @@ def bundle(
     )
     failed = [r for r in results if r.problem is not None]
     if kind == "transaction" and failed:
-        problem = failed[0].problem
-        assert problem is not None
-        raise problem
+        first_problem = failed[0].problem
+        assert first_problem is not None
+        raise first_problem
     counts = {
         "accepted": sum(1 for r in results if r.status == 201),
         "duplicate": sum(1 for r in results if r.status == 200),

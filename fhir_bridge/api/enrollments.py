@@ -70,7 +70,9 @@ def list_enrollments() -> Response:
     limit = int(limit_text)
     app_user_id = request.args.get("app_user_id")
     if app_user_id is not None and not enrollment.APP_USER_ID.fullmatch(app_user_id):
-        raise BadRequest("app_user_id must be 1-128 ASCII letters, digits and . _ : @ -", code="invalid-parameter")
+        raise BadRequest(
+            "app_user_id must be 1-128 ASCII letters, digits and . _ : @ -", code="invalid-parameter"
+        )
     items = enrollment.list_for_vendor(
         services.current().db,
         vendor=current_vendor(),

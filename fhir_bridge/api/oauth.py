@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -17,6 +18,7 @@ from fhir_bridge.errors import BridgeError, PayloadTooLarge, TooManyRequests
 from fhir_bridge.vendors import DbClientStore, DbReplayStore
 
 bp = Blueprint("oauth", __name__)
+log = logging.getLogger(__name__)
 
 SERVER_KEY = "fhir_bridge.vendor_auth_server"
 LIMITER_KEY = "fhir_bridge.token_limiter"
@@ -95,6 +97,10 @@ def token() -> Response:
     if response.status_code != 200:
         # Authlib rendered an RFC 6749 error; re-raise it through the one error handler.
         body = response.get_json(silent=True) or {}
+        log.info(
+            "token request refused",
+            extra={"error_code": str(body.get("error", "")), "status": response.status_code},
+        )
         headers = {k: v for k, v in response.headers.items() if k == "WWW-Authenticate"}
         raise OAuthError(
             str(body.get("error_description") or body.get("error") or "The token request was refused."),

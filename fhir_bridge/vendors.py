@@ -68,12 +68,13 @@ class DbReplayStore:
             session.execute(
                 delete(UsedAssertion).where(UsedAssertion.issuer == issuer, UsedAssertion.expires_at < now)
             )
-            result = session.execute(
+            inserted = session.execute(
                 insert(UsedAssertion)
                 .values(issuer=issuer, jti=jti, expires_at=expires_at)
                 .on_conflict_do_nothing(index_elements=["issuer", "jti"])
-            )
-            return bool(getattr(result, "rowcount", 0) == 1)
+                .returning(UsedAssertion.jti)
+            ).first()
+            return inserted is not None
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from functools import partial
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import orjson
@@ -123,7 +123,7 @@ def capability_statement(public_url: str) -> dict[str, Any]:
         "date": datetime.now(UTC).date().isoformat(),
         "publisher": "fhir-bridge",
         "kind": "instance",
-        "software": {"name": "fhir-bridge", "version": version("fhir-bridge")},
+        "software": {"name": "fhir-bridge", "version": _version()},
         "implementation": {"description": "fhir-bridge vendor push endpoint", "url": f"{public_url}/fhir"},
         "fhirVersion": "4.0.1",
         "format": [FHIR_JSON, "json"],
@@ -172,6 +172,13 @@ def capability_statement(public_url: str) -> dict[str, Any]:
             }
         ],
     }
+
+
+def _version() -> str:
+    try:
+        return version("fhir-bridge")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+source"
 
 
 @bp.get("/Questionnaire")

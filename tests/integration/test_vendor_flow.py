@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +48,11 @@ def run_cli(app: Flask, *args: str) -> str:
 
 
 @pytest.fixture
-def app(make_app: AppFactory, database_url: str) -> Flask:
+def app(make_app: AppFactory, database_url: str) -> Iterator[Flask]:
     app = make_app(DATABASE_URL=database_url)
     add_tenant(services.from_app(app).db, "general")
-    return app
+    yield app
+    services.from_app(app).db.dispose()  # PostgreSQL: close pooled connections with the test
 
 
 def _enrolled_vendor(

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar, cast
 
+import orjson
 from flask import g, request
 
 from auth.vendor_tokens import InvalidToken, TokenVerifier, VendorPrincipal
@@ -169,6 +170,20 @@ def read_json(*media_types: str) -> Any:
         ) from None
     if "\\u0000" in text:
         raise BadRequest("The body contains a NUL character (\\u0000); remove it.", code="invalid-json")
+    # orjson first: it refuses any nesting past its own fixed limit without Python recursion, so a
+    # 10,000-deep document costs nothing and cannot exhaust the interpreter's stack.
+    try:
+        shape = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        if "recursion" in str(exc).lower():
+            raise BadRequest(
+                f"The JSON is nested deeper than {MAX_DEPTH} levels.", code="json-too-deep"
+            ) from None
+        shape = None
+    if shape is not None and not _depth_ok(shape, MAX_DEPTH):
+        raise BadRequest(f"The JSON is nested deeper than {MAX_DEPTH} levels.", code="json-too-deep")
+    # Then the standard parser with hooks, for what orjson silently accepts (duplicate keys) and for
+    # precise messages on what it refuses (NaN, Infinity, out-of-range numbers, syntax errors).
     try:
         value = json.loads(
             text, object_pairs_hook=_reject_duplicates, parse_float=_finite, parse_constant=_no_constants
@@ -187,6 +202,12 @@ def read_json(*media_types: str) -> Any:
         raise BadRequest(
             "The body holds a number too large to process.", code="invalid-json-number"
         ) from None
+    if shape is None:
+        # orjson refused what the standard parser accepted: numbers outside 64-bit range.
+        raise BadRequest(
+            "The body holds a number outside the range JSON numbers may have here.",
+            code="invalid-json-number",
+        )
     if not _depth_ok(value, MAX_DEPTH):
         raise BadRequest(f"The JSON is nested deeper than {MAX_DEPTH} levels.", code="json-too-deep")
     return value

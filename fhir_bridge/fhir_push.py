@@ -37,6 +37,24 @@ SCOPE_FOR = {
     "QuestionnaireResponse": "system/QuestionnaireResponse.c",
 }
 STRIPPED = ("id", "meta", "text")
+# Required bindings (R4): fhir.resources checks structure, not these value sets.
+STATUS_CODES = {
+    "Observation": frozenset(
+        {
+            "registered",
+            "preliminary",
+            "final",
+            "amended",
+            "corrected",
+            "cancelled",
+            "entered-in-error",
+            "unknown",
+        }
+    ),
+    "QuestionnaireResponse": frozenset(
+        {"in-progress", "completed", "amended", "entered-in-error", "stopped"}
+    ),
+}
 REFUSED = ("contained", "implicitRules", "modifierExtension")
 FUTURE_TOLERANCE = timedelta(minutes=5)
 MAX_RECORD_ID = 200
@@ -109,7 +127,8 @@ def _app_user(resource: dict[str, Any], vendor: VendorClient, path: str) -> str:
 
 def _record_id(resource: dict[str, Any], path: str) -> str:
     identifiers = resource.get("identifier")
-    first = identifiers[0] if isinstance(identifiers, list) and identifiers else None
+    # Observation.identifier is a list; QuestionnaireResponse.identifier a single Identifier (R4).
+    first = identifiers[0] if isinstance(identifiers, list) and identifiers else identifiers
     if not isinstance(first, dict) or not isinstance(first.get("value"), str) or not first["value"]:
         raise FhirProblem(
             422,
@@ -162,7 +181,7 @@ def _fhir_path(root: str, loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part not in ("__root__",):
+        elif part not in ("__root__", "root"):
             out += f".{part}"
     return out
 
@@ -196,6 +215,13 @@ def check_resource(
             )
     record_id = _record_id(resource, path)
     app_user = _app_user(resource, vendor, path)
+    if resource.get("status") not in STATUS_CODES[resource_type]:
+        raise FhirProblem(
+            422,
+            "invalid-resource",
+            f"status must be one of {', '.join(sorted(STATUS_CODES[resource_type]))}.",
+            f"{path}.status",
+        )
     _check_times(resource, path, now)
     cleaned = {k: copy.deepcopy(v) for k, v in resource.items() if k not in STRIPPED}
     return Checked(resource_type, record_id, app_user, cleaned, None)
@@ -212,7 +238,9 @@ def stamp(
     measure = f"fhir:{checked.resource_type}"
     value = identifier_value(vendor.client_id, checked.record_id, measure, "main")
     resource = dict(checked.resource)
-    resource["identifier"] = [{"system": RECORD_IDENTIFIER_SYSTEM, "value": value}]
+    ours = {"system": RECORD_IDENTIFIER_SYSTEM, "value": value}
+    # Observation.identifier is a list, QuestionnaireResponse.identifier a single Identifier (R4).
+    resource["identifier"] = [ours] if checked.resource_type == "Observation" else ours
     resource["subject"] = {"reference": f"Patient/{enrollment.patient_id}"}
     device = {"reference": device_full_url(vendor.client_id)}
     if checked.resource_type == "Observation":
@@ -423,7 +451,10 @@ def bundle(
         url = request.get("url") if isinstance(request, dict) else None
         if method != "POST":
             problem = FhirProblem(
-                422, "method-not-accepted", "Only POST (create) entries are accepted.", path
+                422,
+                "method-not-accepted",
+                "Only POST (create) entries are accepted.",
+                path + ".request.method",
             )
             entries.append((path + ".request.method", problem, None, None))
             continue

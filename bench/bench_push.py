@@ -66,7 +66,7 @@ def records(prefix: str, count: int) -> list[dict[str, Any]]:
             "record_id": f"{prefix}-{i}",
             "app_user_id": "bench-user",
             "measure": "steps-daily",
-            "data": {"date": f"2026-{1 + i % 12:02d}-{1 + i % 28:02d}", "steps": 1000 + i % 9000},
+            "data": {"date": f"2025-{1 + i % 12:02d}-{1 + i % 28:02d}", "steps": 1000 + i % 9000},
         }
         for i in range(count)
     ]

@@ -425,8 +425,10 @@ def write_accepted(
     """Insert the records and their outbox items (executemany: one round trip per table)."""
     if not prepared:
         return
-    session.execute(
-        insert(Record),
+    # Core executemany (one round trip per table, no ORM unit-of-work bookkeeping per row).
+    connection = session.connection()
+    connection.execute(
+        insert(Record.__table__),
         [
             {
                 "id": uuid.UUID(p.result.id or ""),
@@ -442,8 +444,8 @@ def write_accepted(
             for p in prepared
         ],
     )
-    session.execute(
-        insert(OutboxItem),
+    connection.execute(
+        insert(OutboxItem.__table__),
         [
             {
                 "tenant_id": p.enrollment.tenant_id,

@@ -1,28 +1,23 @@
-"""`python -m bench NAME [args]`: run one benchmark (`python -m bench` lists them)."""
+"""``python -m bench NAME [options]``: run one benchmark (``python -m bench`` lists them)."""
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
 import sys
-from pathlib import Path
 
-
-def available() -> list[str]:
-    folder = Path(__file__).resolve().parent
-    return sorted(
-        m.name.removeprefix("bench_")
-        for m in pkgutil.iter_modules([str(folder)])
-        if m.name.startswith("bench_")
-    )
+BENCHMARKS = {
+    "mapping": ("bench.bench_mapping", "map 10,000 native records to FHIR on one core (TARGETS.md row 1)"),
+    "push": ("bench.bench_push", "push API throughput per server CPU second, SQLite and PostgreSQL"),
+}
 
 
 def main(argv: list[str]) -> int:
-    names = available()
-    if not argv or argv[0] not in names:
-        print(f"usage: python -m bench {{{'|'.join(names)}}} [args]")
-        return 2
-    module = importlib.import_module(f"bench.bench_{argv[0]}")
+    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in BENCHMARKS:
+        print("usage: python -m bench NAME [options]\n\nbenchmarks:")
+        for name, (_, doc) in BENCHMARKS.items():
+            print(f"  {name:10} {doc}")
+        return 0 if not argv or argv[0] in {"-h", "--help"} else 2
+    module = importlib.import_module(BENCHMARKS[argv[0]][0])
     return int(module.main(argv[1:]) or 0)
 
 

@@ -31,6 +31,9 @@ from fhir_bridge.enrollment import APP_USER_ID, active_by_app_user
 from fhir_bridge.errors import BridgeError, operation_outcome
 from fhir_bridge.push import Prepared, Result, Work, existing_records
 from fhir_bridge.storage.models import Enrollment, VendorClient
+from mappings import MappedResource
+from mappings.fhir_models import ValidationError, validate_resource
+from mappings.identity import CANONICAL, RECORD_IDENTIFIER_SYSTEM, device_full_url, full_url, identifier_value
 
 SCOPE_FOR = {
     "Observation": "system/Observation.c",
@@ -61,9 +64,7 @@ MAX_RECORD_ID = 200
 
 
 def canonical() -> str:
-    from mappings.identity import CANONICAL
-
-    return str(CANONICAL)
+    return CANONICAL
 
 
 def app_user_system(client_id: str) -> str:
@@ -231,10 +232,6 @@ def stamp(
     checked: Checked, *, vendor: VendorClient, enrollment: Enrollment, path: str
 ) -> tuple[str, str, str, dict[str, Any]]:
     """The resource as we will write it: our identifier, the enrolled patient, the app as device."""
-    from mappings.identity import RECORD_IDENTIFIER_SYSTEM, device_full_url, full_url, identifier_value
-
-    from mappings.fhir_models import ValidationError, validate_resource
-
     measure = f"fhir:{checked.resource_type}"
     value = identifier_value(vendor.client_id, checked.record_id, measure, "main")
     resource = dict(checked.resource)
@@ -345,8 +342,6 @@ def process(
         record_uuid = str(uuid.uuid4())
         seen[item.record_id] = record_uuid
         results.append(EntryResult(201, record_uuid=record_uuid, resource=resource))
-        from mappings.model import MappedResource
-
         result = Result(index=index, record_id=item.record_id, status="accepted", id=record_uuid)
         mapped = MappedResource(item.resource_type, system, value, our_url, resource)
         prepared.append(Prepared(result, item.record_id, f"fhir:{item.resource_type}", enrollment, [mapped]))

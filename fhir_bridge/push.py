@@ -16,29 +16,31 @@ on the key; SQLite serialises writers, so the second simply waits and then repla
 from __future__ import annotations
 
 import hashlib
-import threading
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
-from sqlalchemy import insert, select, text
+from sqlalchemy import Table, insert, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from fhir_bridge.catalog import catalog_for
 from fhir_bridge.enrollment import APP_USER_ID, active_by_app_user
 from fhir_bridge.errors import BadRequest, Conflict
+from fhir_bridge.settings import Settings
 from fhir_bridge.storage import Database
 from fhir_bridge.storage.models import Enrollment, OutboxItem, Record, Submission, VendorClient
-
-if TYPE_CHECKING:
-    from mappings import MappedResource
+from mappings import Catalog, MappedResource, MappingContext
+from mappings.identity import device_full_url
 
 RECORD_ID = r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}"
 IDEMPOTENCY_KEY_MAX = 255
+RECORDS: Table = Record.__table__  # type: ignore[assignment]
+OUTBOX: Table = OutboxItem.__table__  # type: ignore[assignment]
 NOT_ENROLLED = (
     "This app user has no active enrollment with your app: claim a pairing code first "
     "(POST /api/v1/enrollments/claim)."
@@ -180,21 +182,14 @@ def replay(session: Session, vendor: VendorClient, key: str, body_hash: str) -> 
 
 
 class Mapper:
-    """The one seam to the ``mappings`` package: the catalogue, loaded once per process."""
+    """The one seam to the ``mappings`` package: this deployment's catalogue, loaded once per process."""
 
-    def __init__(self) -> None:
-        self._catalog: Any = None
-        self._lock = threading.Lock()
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
 
     @property
-    def catalog(self) -> Any:
-        if self._catalog is None:
-            with self._lock:
-                if self._catalog is None:
-                    from mappings import load_catalog
-
-                    self._catalog = load_catalog()
-        return self._catalog
+    def catalog(self) -> Catalog:
+        return catalog_for(self.settings)
 
     def map(
         self,
@@ -206,9 +201,6 @@ class Mapper:
         patient_id: str,
         now: datetime,
     ) -> tuple[Sequence[MappedResource], list[Problem]]:
-        from mappings.identity import device_full_url
-
-        from mappings import MappingContext
 
         result = self.catalog.map(
             measure,
@@ -428,7 +420,7 @@ def write_accepted(
     # Core executemany (one round trip per table, no ORM unit-of-work bookkeeping per row).
     connection = session.connection()
     connection.execute(
-        insert(Record.__table__),
+        insert(RECORDS),
         [
             {
                 "id": uuid.UUID(p.result.id or ""),
@@ -445,7 +437,7 @@ def write_accepted(
         ],
     )
     connection.execute(
-        insert(OutboxItem.__table__),
+        insert(OUTBOX),
         [
             {
                 "tenant_id": p.enrollment.tenant_id,

@@ -25,7 +25,7 @@ def mapper() -> Mapper:
         with _mapper_lock:
             found = current_app.extensions.get(MAPPER_KEY)
             if found is None:
-                found = current_app.extensions[MAPPER_KEY] = Mapper()
+                found = current_app.extensions[MAPPER_KEY] = Mapper(services.current().settings)
     assert isinstance(found, Mapper)
     return found
 

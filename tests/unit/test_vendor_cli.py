@@ -102,7 +102,8 @@ def test_add_refuses_bad_keys_hosts_scopes_and_duplicates(app: Flask, tmp_path: 
         ).exit_code
         == 0
     )
-    again = runner.invoke(cli, ["vendor", "add", "vendor-1", "--name", "V", "--jwks", str(good)], env=_env(app))
+    add = ["vendor", "add", "vendor-1", "--name", "V", "--jwks", str(good)]
+    again = runner.invoke(cli, add, env=_env(app))
     assert again.exit_code != 0 and "already registered" in again.output
     missing = runner.invoke(cli, ["vendor", "disable", "ghost"], env=_env(app))
     assert missing.exit_code != 0 and "no vendor" in missing.output

@@ -22,6 +22,7 @@ from fhir_bridge import services
 from fhir_bridge.storage.models import OutboxItem, Record, Submission
 from tests.conftest import AppFactory
 from tests.support.openapi import assert_matches_spec, example
+from tests.support.postgres import PostgresServer
 from tests.support.vendor import Vendor, add_tenant, public_jwks, vendor_key
 
 
@@ -294,12 +295,11 @@ def test_tenant_isolation_between_vendors(app: Flask, tmp_path: Path) -> None:
 
 
 def test_concurrent_request_with_the_same_idempotency_key_is_409(
-    app: Flask, tmp_path: Path, database_url: str
+    make_app: AppFactory, pg_server: PostgresServer, tmp_path: Path
 ) -> None:
-    if not database_url.startswith("postgresql"):
-        pytest.skip(
-            "SQLite serialises writers: a concurrent duplicate waits and then replays (tested in unit tests)"
-        )
+    """PostgreSQL only: SQLite serialises writers, so there a concurrent duplicate waits and then replays."""
+    app = make_app(DATABASE_URL=pg_server.create_database())
+    add_tenant(services.from_app(app).db, "general")
     vendor = _enrolled_vendor(app, tmp_path)
     db = services.from_app(app).db
     batch = {
@@ -335,6 +335,14 @@ def test_concurrent_request_with_the_same_idempotency_key_is_409(
     finally:
         release.set()
         worker.join()
+    try:
+        _check_nothing_stored_then_retry(app, vendor, batch)
+    finally:
+        db.dispose()
+
+
+def _check_nothing_stored_then_retry(app: Flask, vendor: Vendor, batch: dict[str, Any]) -> None:
+    db = services.from_app(app).db
     with db.sessions() as session:
         assert session.execute(select(Submission).where(Submission.idempotency_key == "k-9")).first() is None
     assert vendor.post("/api/v1/records", json=batch, headers={"Idempotency-Key": "k-9"}).status_code == 200

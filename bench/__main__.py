@@ -7,6 +7,7 @@ import sys
 
 BENCHMARKS = {
     "mapping": ("bench.bench_mapping", "map 10,000 native records to FHIR on one core (TARGETS.md row 1)"),
+    "push": ("bench.bench_push", "push API throughput per server CPU second, SQLite and PostgreSQL"),
     "dashboard": (
         "bench.bench_dashboard",
         "SMART dashboard: server time for 10,000 Observations vs a bare client, and time to interactive",

@@ -24,18 +24,19 @@ from flask import Response, render_template, request
 from sqlalchemy import select
 
 from auth.smart_launch import can_read
-from fhir_bridge import services
+from fhir_bridge import audit, services
 from fhir_bridge.errors import BadRequest, Conflict, NotFound, Unprocessable
 from fhir_bridge.storage.models import Alert, OutboxItem, utcnow
+from mappings.identity import CANONICAL
+from smart_app import prescribe, summary, web
 from smart_app import session as launch_session
-from smart_app import summary, web
 from smart_app.ehr import EhrReader, EhrReadError
 from smart_app.session import LaunchContext, SessionExpired
 
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = "1000"
-FOLLOW_UP_SYSTEM = summary.CANONICAL + "/identifier/follow-up"
+FOLLOW_UP_SYSTEM = CANONICAL + "/sid/follow-up"  # same convention as mappings.identity
 FOLLOW_UP_REASONS = {
     "no-response": "No response to treatment",
     "worsening": "Symptoms worsening",
@@ -139,7 +140,8 @@ def build_summary(ctx: LaunchContext, reader: EhrReader) -> dict[str, Any]:
         return summary.digest_observations(pages, patient_id=pid, fhir_base=ctx.fhir_base)
 
     def flags() -> list[dict[str, Any]]:
-        pages = reader.search("Flag", {"patient": pid, "status": "active", "_count": "100"})
+        # R4 defines no `status` search parameter for Flag: active ones are picked out below.
+        pages = reader.search("Flag", {"patient": pid, "_count": "100"})
         return summary.alert_items(
             pages, kind="Flag", patient_id=pid, fhir_base=ctx.fhir_base, foreign=foreign
         )
@@ -224,6 +226,7 @@ def build_summary(ctx: LaunchContext, reader: EhrReader) -> dict[str, Any]:
             "ehr": (results.get("flags") or []) + (results.get("tasks") or []),
             "bridge": open_alerts(ctx),
         },
+        "enrollment": prescribe.status(ctx),
         "problems": problems,
         "dropped": {"other_patient": foreign[0], "unreadable": digest.unreadable},
     }
@@ -260,7 +263,7 @@ def data(launch_id: str, make_reader: ReaderFactory) -> Response:
 # -- actions ----------------------------------------------------------------------------------
 
 
-def _json_body() -> dict[str, Any]:
+def json_body() -> dict[str, Any]:
     if request.mimetype != "application/json":
         raise BadRequest("Send the action as JSON.", code="unsupported-media-type")
     try:
@@ -289,6 +292,16 @@ def acknowledge(launch_id: str, alert_id: str) -> Response:
         alert.status = "acknowledged"
         alert.acknowledged_at = utcnow()
         alert.acknowledged_by = ctx.actor[:255]
+        audit.record(
+            session,
+            actor_type="user",
+            actor_id=ctx.actor[:255],
+            action="alert.acknowledge",
+            tenant_id=ctx.tenant_id,
+            patient_id=ctx.patient_id,
+            target=f"alert/{alert.id}",
+            detail={"rule": alert.rule_id[:100]},
+        )
     log.info("alert acknowledged", extra={"tenant": ctx.tenant_id, "alert": alert_id})
     return json_response({"id": alert_id, "status": "acknowledged"})
 
@@ -318,7 +331,7 @@ def request_follow_up(launch_id: str) -> Response:
     ctx = launch_session.load(launch_id)
     svc = services.current()
     web.check_csrf(svc.secret_key, ctx.launch_id, svc.settings.public_url)
-    body = _json_body()
+    body = json_body()
     reason = body.get("reason")
     if reason not in FOLLOW_UP_REASONS:
         raise Unprocessable(
@@ -342,6 +355,16 @@ def request_follow_up(launch_id: str) -> Response:
             )
         )
         if existing is None:
+            audit.record(
+                session,
+                actor_type="user",
+                actor_id=ctx.actor[:255],
+                action="follow-up.request",
+                tenant_id=ctx.tenant_id,
+                patient_id=ctx.patient_id,
+                target=f"Task?identifier={ident_value}",
+                detail={"reason": reason},
+            )
             session.add(
                 OutboxItem(
                     tenant_id=ctx.tenant_id,

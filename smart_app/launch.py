@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from werkzeug.wrappers import Response as BaseResponse
 
 from auth import smart_launch as sl
-from fhir_bridge import services
+from fhir_bridge import audit, services
 from fhir_bridge.errors import BridgeError, Forbidden
 from fhir_bridge.storage.models import SmartFlow, SmartLaunch, Tenant, utcnow
 from smart_app import web
@@ -356,6 +356,16 @@ def callback(tenant_id: str) -> BaseResponse:
         )
         launch.browser_hash = new_hash
         session.add(launch)
+        audit.record(
+            session,
+            actor_type="user",
+            actor_id=(launch.fhir_user or launch.user_key or "unknown")[:255],
+            action="smart.launch",
+            tenant_id=tenant.id,
+            patient_id=launch.patient_id,
+            target=f"launch/{launch.id[:8]}",
+            detail={"kind": flow.kind},
+        )
         # Ended sessions keep no tokens around longer than they must.
         session.execute(delete(SmartLaunch).where(SmartLaunch.expires_at < utcnow() - timedelta(days=1)))
     log.info("smart launch completed", extra={"tenant": tenant.id})

@@ -8,7 +8,7 @@ from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.wrappers import Response as BaseResponse
 
 from fhir_bridge import services
-from smart_app import dashboard, launch, registration, web
+from smart_app import dashboard, launch, prescribe, registration, web
 from smart_app.dashboard import ReaderFactory
 from smart_app.state import SmartState, install, state
 
@@ -68,6 +68,21 @@ def follow_up(launch_id: str) -> Response:
     return dashboard.request_follow_up(launch_id)
 
 
+@bp.get("/app/<launch_id>/api/enrollment")
+def enrollment_status(launch_id: str) -> Response:
+    return prescribe.get(launch_id)
+
+
+@bp.post("/app/<launch_id>/api/enrollment")
+def prescribe_app(launch_id: str) -> Response:
+    return prescribe.prescribe(launch_id, dashboard.json_body())
+
+
+@bp.post("/app/<launch_id>/api/enrollment/<enrollment_id>/end")
+def end_enrollment(launch_id: str, enrollment_id: str) -> Response:
+    return prescribe.end(launch_id, enrollment_id)
+
+
 def _is_ours() -> bool:
     return request.blueprint == "smart_app" or request.path.startswith(("/launch", "/callback/", "/app/"))
 
@@ -77,6 +92,9 @@ def _headers(response: Response) -> Response:
     if _is_ours():
         https = urlsplit(services.current().settings.public_url).scheme == "https"
         web.secure_headers(response, https=https)
+        if request.endpoint == "smart_app.static":
+            # Scripts and styles hold no patient data: let the browser revalidate them (ETag).
+            response.headers["Cache-Control"] = "no-cache"
     return response
 
 

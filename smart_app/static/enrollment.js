@@ -28,19 +28,34 @@ window.FBEnrollment = (() => {
         li.appendChild(h("span", { class: "badge" }, e.vendor));
         li.appendChild(h("span", { class: "enroll-state" }, statusText(e)));
         if (e.status === "active" || e.status === "pending") {
-          const button = h("button", { type: "button", class: "button danger" }, "End enrollment");
-          button.addEventListener("click", async () => {
-            if (!window.confirm(`End the enrollment with ${e.vendor}? Data from the app stops at once.`)) return;
-            button.disabled = true;
+          // Confirmed in the page, not with window.confirm(): EHRs embed apps in sandboxed iframes
+          // without allow-modals, where confirm() silently answers "no".
+          const button = h("button", { type: "button", class: "button danger", "aria-expanded": "false" }, "End enrollment");
+          const confirmBox = h("span", { class: "confirm", hidden: "" });
+          const yes = h("button", { type: "button", class: "button danger confirm-end" }, `Yes, end it: data from ${e.vendor} stops now`);
+          const no = h("button", { type: "button", class: "button secondary" }, "Keep it");
+          confirmBox.append(yes, no);
+          button.addEventListener("click", () => {
+            confirmBox.hidden = false;
+            button.setAttribute("aria-expanded", "true");
+            yes.focus();
+          });
+          no.addEventListener("click", () => {
+            confirmBox.hidden = true;
+            button.setAttribute("aria-expanded", "false");
+            button.focus();
+          });
+          yes.addEventListener("click", async () => {
+            yes.disabled = true;
             try {
               render(await api(`/enrollment/${encodeURIComponent(e.id)}/end`, { method: "POST", body: "{}" }));
               live.textContent = `Enrollment with ${e.vendor} ended.`;
             } catch (err) {
-              button.disabled = false;
+              yes.disabled = false;
               live.textContent = `Not ended: ${err.message}`;
             }
           });
-          li.appendChild(button);
+          li.append(button, confirmBox);
         }
         list.appendChild(li);
       }
@@ -91,8 +106,22 @@ window.FBEnrollment = (() => {
       window.print();
       document.body.classList.remove("printing-code");
     });
-    card.appendChild(print);
+    // Inside an EHR frame printing is often not allowed (no allow-modals); a card to download always is.
+    const download = h("a", { class: "button secondary", download: "pairing-code.svg", href: cardUrl(created) }, "Download printable card");
+    card.append(print, document.createTextNode(" "), download);
     box.prepend(card);
+  }
+
+  function cardUrl(created) {
+    const esc = (text) => text.replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" }[c]));
+    const svg = `<svg xmlns="http://www.w3.org/2000/svg" width="400" height="330" viewBox="0 0 400 330">` +
+      `<rect width="400" height="330" fill="#fff"/>` +
+      `<text x="200" y="32" font-family="sans-serif" font-size="18" text-anchor="middle">Your app pairing code</text>` +
+      `<image x="110" y="45" width="180" height="180" href="${esc(created.qr)}"/>` +
+      `<text x="200" y="262" font-family="monospace" font-size="30" text-anchor="middle">${esc(created.code)}</text>` +
+      `<text x="200" y="300" font-family="sans-serif" font-size="13" text-anchor="middle">Enter it in the app once. Valid until ${esc(fmt.format(new Date(created.expires_at)))}.</text>` +
+      `</svg>`;
+    return URL.createObjectURL(new Blob([svg], { type: "image/svg+xml" }));
   }
 
   function watch(id, api, render, live) {

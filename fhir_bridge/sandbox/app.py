@@ -80,6 +80,8 @@ def create_sandbox_app(
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SECURE=config.public_url.startswith("https://"),
+        # The authorize endpoint is a browser page: its refusals are pages too (errors.py).
+        HTML_ERROR_PREFIXES=("/oauth/authorize",),
     )
     runtime.install(app.extensions, sandbox)
     logs.init_app(app, access_logger="fhir_bridge.sandbox.access")

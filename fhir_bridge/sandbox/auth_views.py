@@ -52,9 +52,15 @@ def _refuse(server: Any, error: OAuth2Error) -> Response:
     if error.redirect_uri:
         response: Response = server.handle_error_response(None, error)
         return response
+    if error.error == "invalid_client":
+        reason = "the app (client_id) is not registered with this EHR"
+    elif "redirect" in str(error.description).lower():
+        reason = "its redirect_uri is missing or is not exactly one registered for the app"
+    else:
+        reason = "it is not a valid authorization request (response_type=code, client_id, redirect_uri)"
     raise BadRequest(
-        f"The app's authorization request was refused: {error.description or error.error}. "
-        "Nothing was sent back to the app, because its identity or return address could not be trusted.",
+        f"The app's authorization request was refused: {reason}. Nothing was sent back to the app, "
+        "because its identity or return address could not be trusted.",
         code=str(error.error).replace("_", "-"),
     )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -59,8 +60,9 @@ def select_key(keys: Any, kid: str, alg: str) -> RSAKey | ECKey:
 
 
 class ClientKeyResolver:
-    def __init__(self, *, timeout: float = 5.0) -> None:
+    def __init__(self, *, timeout: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.timeout = timeout
+        self.clock = clock
         self._cache: dict[str, tuple[list[Any], float]] = {}
         self._fetched_at: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -79,7 +81,7 @@ class ClientKeyResolver:
             return select_key(self._keys(jwks_url, refresh=True), kid, alg)
 
     def _keys(self, url: str, *, refresh: bool) -> list[Any]:
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             cached = self._cache.get(url)
             fresh = cached is not None and now < cached[1]

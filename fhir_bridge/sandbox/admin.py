@@ -28,7 +28,7 @@ def _authenticate() -> None:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     expected = runtime.current().admin_token
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), expected):
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), expected.encode()):
         raise Unauthorized(
             "The sandbox admin API needs Authorization: Bearer <admin token> (see <data>/admin_token).",
             code="admin-token-required",

@@ -15,6 +15,7 @@ import orjson
 from authlib.common.urls import add_params_to_uri
 from authlib.oauth2 import OAuth2Error
 from flask import Blueprint, Response, g, jsonify, redirect, render_template, request
+from joserfc.util import urlsafe_b64decode
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from werkzeug.wrappers import Response as BaseResponse
@@ -202,8 +203,6 @@ def _claimed_client(session: Session) -> SandboxClient | None:
     assertion = request.form.get("client_assertion")
     if not client_id and assertion and assertion.count(".") == 2:
         try:
-            from joserfc.util import urlsafe_b64decode
-
             payload = orjson.loads(urlsafe_b64decode(assertion.split(".")[1].encode()))
             client_id = payload.get("sub") if isinstance(payload, dict) else None
         except (ValueError, orjson.JSONDecodeError):

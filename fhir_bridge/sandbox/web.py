@@ -47,7 +47,7 @@ def csrf_token() -> str:
 def check_csrf() -> None:
     sent = request.form.get("csrf_token", "")
     expected = session.get("csrf")
-    if not isinstance(expected, str) or not secrets.compare_digest(sent, expected):
+    if not isinstance(expected, str) or not secrets.compare_digest(sent.encode(), expected.encode()):
         raise Forbidden(
             "This form has expired or did not come from the sandbox. Reload the page and try again.",
             code="csrf-failed",

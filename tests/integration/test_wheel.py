@@ -63,3 +63,23 @@ def test_migrations_ship_in_the_wheel(installed: Path, tmp_path: Path) -> None:
     assert (tmp_path / "instance" / "fhir-bridge.db").exists()
     # The package must come from the venv, not from this checkout.
     assert not (tmp_path / "fhir_bridge").exists()
+
+
+def test_sandbox_ehr_ships_its_pages(installed: Path, tmp_path: Path) -> None:
+    result = _run(installed, "sandbox", "serve", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    check = subprocess.run(
+        [
+            str(installed / "bin" / "python"),
+            "-c",
+            "import importlib.resources as r; t = r.files('fhir_bridge.sandbox') / 'templates';"
+            "print((t / 'error.html').is_file(), (t / 'sandbox' / 'chart.html').is_file())",
+        ],
+        cwd=tmp_path,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert check.stdout.split() == ["True", "True"], check.stderr

@@ -92,6 +92,8 @@ def test_admin_api_needs_the_admin_token(driver: Driver) -> None:
     assert response.json["error"] == "admin-token-required"
     response = driver.http.get("/api/admin/clients", headers={"Authorization": "Bearer wrong"})
     assert response.status_code == 401
+    response = driver.http.get("/api/admin/clients", headers={"Authorization": "Bearer caf\u00e9"})
+    assert response.status_code == 401
 
 
 @pytest.mark.parametrize(
@@ -267,3 +269,7 @@ def test_faults_apply_only_to_their_app(driver: Driver, rs384_key: AppKey) -> No
     driver.faults("app", {"token_error": {"error": "server_error", "status": 500}})
     response = driver.token(rs384_key.client_credentials("backend", TOKEN_URL, "system/*.rs"))
     assert response.status_code == 200
+    # A backend client is recognised by its assertion (it sends no client_id).
+    driver.faults("backend", {"token_error": {"error": "invalid_client", "status": 401}})
+    response = driver.token(rs384_key.client_credentials("backend", TOKEN_URL, "system/*.rs"))
+    assert (response.status_code, response.json["error"]) == (401, "invalid_client")

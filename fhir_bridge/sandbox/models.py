@@ -165,7 +165,8 @@ class SearchEntry(SandboxBase):
         Index("ix_search_token", "res_type", "param", "code"),
         Index("ix_search_value", "res_type", "param", "value"),
         Index("ix_search_date", "res_type", "param", "lo"),
-        Index("ix_search_resource", "res_type", "res_id"),
+        # Per-resource look-ups: the correlated sort key (`_sort=date`) and deleting a resource's rows.
+        Index("ix_search_resource", "res_type", "res_id", "param", "lo"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

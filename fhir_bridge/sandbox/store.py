@@ -271,6 +271,22 @@ def _walk_references(node: Any, path: str) -> Iterator[tuple[dict[str, Any], str
             yield from _walk_references(item, f"{path}[{i}]")
 
 
+@dataclass
+class _Batch:
+    """Rows of new resources and their index entries, inserted together (Core executemany, no ORM)."""
+
+    resources: list[dict[str, Any]] = field(default_factory=list)
+    index: list[dict[str, Any]] = field(default_factory=list)
+
+    def flush(self, session: Session) -> None:
+        connection = session.connection()
+        if self.resources:
+            connection.execute(insert(StoredResource), self.resources)
+        if self.index:
+            connection.execute(insert(SearchEntry), self.index)
+        self.resources, self.index = [], []
+
+
 class FhirStore:
     """FHIR REST semantics over the sandbox tables; ``base_url`` is the FHIR base (``.../fhir``)."""
 
@@ -709,7 +725,10 @@ class FhirStore:
             )
         return orjson.loads(page.rows[0][2]) if page.rows else None
 
-    def _store(self, session: Session, resource: dict[str, Any], *, version: int) -> WriteOutcome:
+    def _store(
+        self, session: Session, resource: dict[str, Any], *, version: int, batch: _Batch | None = None
+    ) -> WriteOutcome:
+        """Write one version. New resources may be queued in ``batch`` (one executemany per Bundle)."""
         rtype, rid = resource["resourceType"], resource["id"]
         moment = now_utc()
         meta = dict(resource.get("meta") or {})
@@ -718,11 +737,10 @@ class FhirStore:
         resource["meta"] = meta
         body = orjson.dumps(resource).decode()
         stamp = micros(moment)
+        own = batch or _Batch()
         if version == 1:
-            session.execute(
-                insert(StoredResource).values(
-                    res_type=rtype, res_id=rid, version=1, last_updated_us=stamp, body=body
-                )
+            own.resources.append(
+                {"res_type": rtype, "res_id": rid, "version": 1, "last_updated_us": stamp, "body": body}
             )
         else:
             session.execute(
@@ -733,24 +751,21 @@ class FhirStore:
             session.execute(
                 delete(SearchEntry).where(SearchEntry.res_type == rtype, SearchEntry.res_id == rid)
             )
-        rows = index_rows(resource, self.base_url)
-        if rows:
-            session.execute(
-                insert(SearchEntry),
-                [
-                    {
-                        "res_type": rtype,
-                        "res_id": rid,
-                        "param": r.param,
-                        "system": r.system,
-                        "code": r.code,
-                        "value": r.value,
-                        "lo": r.lo,
-                        "hi": r.hi,
-                    }
-                    for r in rows
-                ],
-            )
+        own.index.extend(
+            {
+                "res_type": rtype,
+                "res_id": rid,
+                "param": r.param,
+                "system": r.system,
+                "code": r.code,
+                "value": r.value,
+                "lo": r.lo,
+                "hi": r.hi,
+            }
+            for r in index_rows(resource, self.base_url)
+        )
+        if batch is None:
+            own.flush(session)
         return WriteOutcome(201, resource)
 
     def _check_written(
@@ -776,11 +791,21 @@ class FhirStore:
                     fhir_path=f"{where}.reference",
                 )
 
-    def check_references(self, session: Session, resource: dict[str, Any], path: str) -> None:
-        """Referential integrity: every local reference to a type we store must point at a resource."""
+    def check_references(
+        self, session: Session, resource: dict[str, Any], path: str, *, known: set[str] | None = None
+    ) -> None:
+        """Referential integrity: every local reference to a type we store must point at a resource.
+
+        ``known`` holds ``Type/id`` values known to exist (and grows as references are confirmed).
+        """
+        known = known if known is not None else set()
         for ref, where in _walk_references(resource, path):
-            rtype, rid, _ = reference_key(ref["reference"], self.base_url)
-            if rtype in SUPPORTED_TYPES and rid is not None and not self.exists(session, rtype, rid):
+            rtype, rid, key = reference_key(ref["reference"], self.base_url)
+            if rtype not in SUPPORTED_TYPES or rid is None or key in known:
+                continue
+            if self.exists(session, rtype, rid):
+                known.add(key)
+            else:
                 raise Unprocessable(
                     f"{where}.reference points at {rtype}/{rid[:64]}, which does not exist on this server.",
                     code="dangling-reference",
@@ -833,20 +858,24 @@ class FhirStore:
 
         # FHIR's processing order: creates, then updates, then reads.
         written: list[tuple[int, dict[str, Any]]] = []
+        batch = _Batch()
         for i, resource in posts:
             resolved = _resolve(resource, ids)
             self._reject_unresolved(resolved, f"Bundle.entry[{i}].resource")
-            outcome = self._store(session, resolved, version=1)
-            self._check_written(session, outcome.resource, access, "c")
+            outcome = self._store(session, resolved, version=1, batch=batch)
             results[i] = self._entry_result(outcome)
             written.append((i, outcome.resource))
+        batch.flush(session)
+        for _, resource in written:
+            self._check_written(session, resource, access, "c")
         for i, data, rtype, rid in puts:
             where = f"Bundle.entry[{i}].resource"
             outcome = self.update(session, rtype, rid, _resolve(data, ids), access, path=where)
             results[i] = self._entry_result(outcome)
             written.append((i, outcome.resource))
+        known = {f"{r['resourceType']}/{r['id']}" for _, r in written}
         for i, resource in written:
-            self.check_references(session, resource, f"Bundle.entry[{i}].resource")
+            self.check_references(session, resource, f"Bundle.entry[{i}].resource", known=known)
         by_target = {f"{r['resourceType']}/{r['id']}": r for _, r in written}
         for i, target in aliases:
             results[i] = self._entry_result(WriteOutcome(200, by_target[target]))

@@ -15,8 +15,8 @@ from flask import Blueprint, Response, jsonify, request
 
 from fhir_bridge.errors import BadRequest, NotFound, Unauthorized
 from fhir_bridge.sandbox import clients, runtime, web
-from fhir_bridge.sandbox.faults import FAULTS, validate_faults
-from fhir_bridge.sandbox.models import LaunchContext, SandboxClient
+from fhir_bridge.sandbox.faults import DISCOVERY_FAULT, FAULTS, validate_discovery_fault, validate_faults
+from fhir_bridge.sandbox.models import LaunchContext, SandboxClient, ServerFault
 from fhir_bridge.sandbox.oauth import digest
 from fhir_bridge.storage.models import utcnow
 
@@ -83,7 +83,29 @@ def delete_client(client_id: str) -> tuple[str, int]:
 
 @bp.get("/faults")
 def list_faults() -> Response:
-    return jsonify(FAULTS)
+    return jsonify({"client": FAULTS, "server": {"discovery": DISCOVERY_FAULT}})
+
+
+@bp.put("/discovery/fault")
+def put_discovery_fault() -> Response:
+    """Make the discovery documents misbehave for everyone (they are fetched before any app is known)."""
+    spec = validate_discovery_fault(_json())
+    with runtime.current().db.write() as session:
+        row = session.get(ServerFault, "discovery")
+        if row is None:
+            row = ServerFault(name="discovery", faults={})
+            session.add(row)
+        row.faults = {"discovery": spec}
+    return jsonify(spec)
+
+
+@bp.delete("/discovery/fault")
+def clear_discovery_fault() -> tuple[str, int]:
+    with runtime.current().db.write() as session:
+        row = session.get(ServerFault, "discovery")
+        if row is not None:
+            session.delete(row)
+    return "", 204
 
 
 @bp.put("/clients/<client_id>/faults")

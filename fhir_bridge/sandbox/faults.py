@@ -42,9 +42,22 @@ FAULTS: dict[str, str] = {
     '{"expires_in": -1}, {"expires_in": "3600"}, {"patient": null}, {"token_type": "mac"}.',
     "search_foreign_patient": "FHIR searches with this app's tokens also return one resource of another "
     "patient (what a faulty EHR does; a correct client must never show it): true.",
-    "fhir_error": "FHIR requests with this app's tokens fail with this status and an OperationOutcome: "
-    '{"status": 503, "retry_after": "5", "times": 2}.',
+    "fhir_error": "FHIR requests with this app's tokens fail with this status and an OperationOutcome, or "
+    'with a body of your choosing: {"status": 503, "retry_after": "5", "times": 2}, '
+    '{"status": 200, "content_type": "text/html", "body": "<html>login</html>"}.',
+    "search_next_url": "FHIR searches with this app's tokens carry this URL as their next link (a "
+    'client must not follow it to another host with its token): "https://evil.example/fhir/Observation".',
 }
+
+# Faults of the discovery documents, which no app authenticates to: set for the whole server.
+DISCOVERY_FAULT = (
+    "smart-configuration and openid-configuration misbehave: "
+    '{"status": 500} or {"status": 200, "content_type": "text/html", "body": "<html>"} (body as given), '
+    '{"overrides": {"code_challenge_methods_supported": null, "token_endpoint": "http://evil.example/t"}} '
+    '(members merged, null removes), {"redirect": "https://other.example/.well-known/smart-configuration"}, '
+    '{"delay_seconds": 5} (at most 30), optionally "documents": ["smart-configuration"] and "times": N.'
+)
+_DOCUMENTS = ("smart-configuration", "openid-configuration")
 
 
 def _error_spec(name: str, value: Any, *, with_status: bool) -> dict[str, Any]:
@@ -112,18 +125,54 @@ def validate_faults(data: Any) -> dict[str, Any]:
             faults[name] = dict(value)
         elif name == "fhir_error":
             status = value.get("status") if isinstance(value, dict) else None
-            if not isinstance(status, int) or not 400 <= status <= 599:
+            lowest = 200 if isinstance(value, dict) and value.get("body") is not None else 400
+            if not isinstance(status, int) or not lowest <= status <= 599:
                 raise BadRequest(
-                    "faults.fhir_error.status must be an HTTP error status (400-599).", code="invalid-fault"
+                    "faults.fhir_error.status must be 400-599, or 200-599 with a body.",
+                    code="invalid-fault",
                 )
             retry_after = value.get("retry_after")
             if retry_after is not None and not isinstance(retry_after, str):
                 raise BadRequest(
                     "faults.fhir_error.retry_after must be a string (sent as is).", code="invalid-fault"
                 )
+            for text in ("content_type", "body"):
+                if value.get(text) is not None and not isinstance(value[text], str):
+                    raise BadRequest(f"faults.fhir_error.{text} must be a string.", code="invalid-fault")
             _check_times(name, value)
             faults[name] = dict(value)
+        elif name == "search_next_url":
+            if not isinstance(value, str) or "://" not in value:
+                raise BadRequest("faults.search_next_url must be an absolute URL.", code="invalid-fault")
+            faults[name] = value
     return faults
+
+
+def validate_discovery_fault(data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict) or not data:
+        raise BadRequest(f"The discovery fault is an object: {DISCOVERY_FAULT}", code="invalid-fault")
+    known = {"status", "content_type", "body", "overrides", "redirect", "delay_seconds", "documents", "times"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise BadRequest(
+            f"Unknown member(s) {', '.join(k[:40] for k in unknown)}: {DISCOVERY_FAULT}", code="invalid-fault"
+        )
+    status = data.get("status", 200)
+    if not isinstance(status, int) or not 200 <= status <= 599:
+        raise BadRequest("status must be an HTTP status (200-599).", code="invalid-fault")
+    for text in ("content_type", "body", "redirect"):
+        if data.get(text) is not None and not isinstance(data[text], str):
+            raise BadRequest(f"{text} must be a string.", code="invalid-fault")
+    if data.get("overrides") is not None and not isinstance(data["overrides"], dict):
+        raise BadRequest("overrides must be an object of members (null removes one).", code="invalid-fault")
+    delay = data.get("delay_seconds", 0)
+    if not isinstance(delay, int | float) or isinstance(delay, bool) or not 0 <= delay <= 30:
+        raise BadRequest("delay_seconds must be a number from 0 to 30.", code="invalid-fault")
+    documents = data.get("documents", list(_DOCUMENTS))
+    if not isinstance(documents, list) or not documents or not set(documents) <= set(_DOCUMENTS):
+        raise BadRequest(f"documents must list some of {', '.join(_DOCUMENTS)}.", code="invalid-fault")
+    _check_times("discovery", data)
+    return dict(data) | {"documents": documents}
 
 
 def take(holder: Any, name: str) -> Any:

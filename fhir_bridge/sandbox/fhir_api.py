@@ -9,17 +9,19 @@ everything under ``/fhir``).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import orjson
-from flask import Blueprint, Response, g, request
+from flask import Blueprint, Response, g, redirect, request
+from werkzeug.wrappers import Response as WerkzeugResponse
 
-from fhir_bridge.errors import BadRequest, BridgeError, Unauthorized, UnsupportedMediaType
+from fhir_bridge.errors import BadRequest, BridgeError, NotFound, Unauthorized, UnsupportedMediaType
 from fhir_bridge.sandbox import faults, runtime
-from fhir_bridge.sandbox.models import SandboxClient
+from fhir_bridge.sandbox.models import SandboxClient, ServerFault
 from fhir_bridge.sandbox.oauth import find_token
 from fhir_bridge.sandbox.scopes import Grant
 from fhir_bridge.sandbox.searchparams import PARAMS, reference_key
@@ -52,10 +54,10 @@ def caller() -> Caller:
 
 
 @bp.before_request
-def _authenticate() -> None:
+def _authenticate() -> Response | None:
     _negotiate()
     if request.endpoint in _PUBLIC_ENDPOINTS:
-        return
+        return None
     header = request.headers.get("Authorization", "")
     scheme, _, raw = header.partition(" ")
     challenge = 'Bearer realm="sandbox-ehr"'
@@ -83,16 +85,21 @@ def _authenticate() -> None:
             faults=dict(client.faults or {}),
         )
     if "fhir_error" in g.fhir_caller.faults:
-        _injected_error(g.fhir_caller.client_id)
+        return _injected_error(g.fhir_caller.client_id)
+    return None
 
 
-def _injected_error(client_id: str) -> None:
+def _injected_error(client_id: str) -> Response | None:
     with runtime.current().db.write() as session:
         client = session.get(SandboxClient, client_id)
         spec = faults.take(client, "fhir_error") if client is not None else None
     if spec is None:
-        return
+        return None
     headers = {"Retry-After": spec["retry_after"]} if spec.get("retry_after") else {}
+    if spec.get("body") is not None:  # deliberately not FHIR: what a misconfigured proxy or login page sends
+        response = Response(spec["body"], status=int(spec["status"]), headers=headers)
+        response.headers["Content-Type"] = spec.get("content_type") or "text/html; charset=utf-8"
+        return response
     raise BridgeError(
         f"Injected fault: this sandbox was told to answer HTTP {spec['status']} (fault fhir_error).",
         code="injected-fault",
@@ -166,19 +173,52 @@ def metadata() -> Response:
 
 
 @bp.get("/.well-known/smart-configuration")
-def smart_configuration() -> Response:
-    response = fhir_response(smart_config())
-    response.mimetype = "application/json"
-    response.headers["Cache-Control"] = "public, max-age=300"
-    return response
+def smart_configuration() -> WerkzeugResponse:
+    return _discovery("smart-configuration", smart_config())
 
 
 @bp.get("/.well-known/openid-configuration")
-def openid_configuration() -> Response:
-    response = fhir_response(openid_config())
-    response.mimetype = "application/json"
-    response.headers["Cache-Control"] = "public, max-age=300"
+def openid_configuration() -> WerkzeugResponse:
+    return _discovery("openid-configuration", openid_config())
+
+
+def _discovery(document: str, body: dict[str, Any]) -> WerkzeugResponse:
+    """A discovery document, bent by the server's discovery fault if one is set (checklist rows D1-D4)."""
+    spec = _discovery_fault(document)
+    status = 200
+    if spec is not None:
+        if spec.get("delay_seconds"):
+            time.sleep(float(spec["delay_seconds"]))
+        if spec.get("redirect"):
+            return redirect(spec["redirect"], code=302)
+        status = int(spec.get("status", 200))
+        if spec.get("body") is not None:
+            raw = Response(spec["body"], status=status)
+            raw.headers["Content-Type"] = spec.get("content_type") or "application/json"
+            return raw
+        for name, value in (spec.get("overrides") or {}).items():
+            if value is None:
+                body.pop(name, None)
+            else:
+                body[name] = value
+    response = Response(orjson.dumps(body), status=status, mimetype="application/json")
+    response.headers["Cache-Control"] = "no-store" if spec is not None else "public, max-age=300"
     return response
+
+
+def _discovery_fault(document: str) -> dict[str, Any] | None:
+    sandbox = runtime.current()
+    with sandbox.db.read() as session:
+        row = session.get(ServerFault, "discovery")
+        spec = (row.faults or {}).get("discovery") if row is not None else None
+    if not isinstance(spec, dict) or document not in spec.get("documents", ()):
+        return None
+    if "times" in spec:
+        with sandbox.db.write() as session:
+            row = session.get(ServerFault, "discovery")
+            taken = faults.take(row, "discovery") if row is not None else None
+        return taken if isinstance(taken, dict) else None
+    return spec
 
 
 def smart_config() -> dict[str, Any]:
@@ -366,7 +406,8 @@ def search_post(rtype: str) -> Response:
 def _search(rtype: str, pairs: list[tuple[str, str]]) -> Response:
     sandbox = runtime.current()
     who = caller()
-    query = sandbox.store.parse_search(rtype, pairs)
+    lenient = "handling=lenient" in request.headers.get("Prefer", "")
+    query = sandbox.store.parse_search(rtype, pairs, lenient=lenient)
     with sandbox.db.read() as session:
         page = sandbox.store.search(session, query, who.grant)
         extra = []
@@ -374,7 +415,8 @@ def _search(rtype: str, pairs: list[tuple[str, str]]) -> Response:
             foreign = sandbox.store.foreign_resource(session, query, _searched_patient(query, who))
             if foreign is not None:
                 extra.append(foreign)
-    return fhir_response(sandbox.store.bundle_json(page, extra=extra))
+    next_url = who.faults.get("search_next_url")
+    return fhir_response(sandbox.store.bundle_json(page, extra=extra, next_url=next_url))
 
 
 def _searched_patient(query: SearchQuery, who: Caller) -> str | None:
@@ -441,3 +483,20 @@ def update(rtype: str, rid: str) -> Response:
             session, rtype, rid, data, caller().grant, if_match=request.headers.get("If-Match")
         )
     return _write_response(outcome)
+
+
+@bp.route("/<path:rest>", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
+def unsupported(rest: str) -> Response:
+    """Anything else under /fhir: say what this server does instead of a generic 404."""
+    if request.method in ("DELETE", "PATCH"):
+        raise BridgeError(
+            "This sandbox never deletes or patches resources; update them with PUT.",
+            code="method-not-allowed",
+            status=405,
+            headers={"Allow": "GET, POST, PUT"},
+        )
+    raise NotFound(
+        f"This sandbox FHIR endpoint does not support {request.method} {rest[:80]}. It supports read, "
+        "vread of the current version, search, create, update and transaction/batch; see /fhir/metadata.",
+        code="unsupported-interaction",
+    )

@@ -133,6 +133,15 @@ class SeenAssertion(SandboxBase):
     expires_at: Mapped[datetime] = mapped_column(index=True)
 
 
+class ServerFault(SandboxBase):
+    """A fault of the whole server (not of one app), e.g. of the discovery documents."""
+
+    __tablename__ = "server_faults"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    faults: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
 # -- FHIR store -----------------------------------------------------------------------------------
 
 

@@ -145,14 +145,16 @@ def test_launch_api_checks_its_patient(driver: Driver) -> None:
 
 def test_fault_list_is_documented_by_the_api(driver: Driver) -> None:
     faults = driver.admin("GET", "/faults").json
-    assert set(faults) == {
+    assert set(faults["client"]) == {
         "token_error",
         "authorize_error",
         "code_expired",
         "token_response",
         "search_foreign_patient",
+        "search_next_url",
         "fhir_error",
     }
+    assert "smart-configuration" in faults["server"]["discovery"]
 
 
 @pytest.mark.parametrize(
@@ -273,3 +275,91 @@ def test_faults_apply_only_to_their_app(driver: Driver, rs384_key: AppKey) -> No
     driver.faults("backend", {"token_error": {"error": "invalid_client", "status": 401}})
     response = driver.token(rs384_key.client_credentials("backend", TOKEN_URL, "system/*.rs"))
     assert (response.status_code, response.json["error"]) == (401, "invalid_client")
+
+
+def test_fhir_error_fault_can_answer_with_something_that_is_not_fhir(driver: Driver) -> None:
+    driver.register()
+    token = driver.ehr_launch_token()["access_token"]
+    driver.faults(
+        "app", {"fhir_error": {"status": 200, "content_type": "text/html", "body": "<h1>Sign in</h1>"}}
+    )
+    response = driver.fhir("GET", "Observation", token)
+    assert (response.status_code, response.mimetype) == (200, "text/html")
+    assert response.get_data(as_text=True) == "<h1>Sign in</h1>"
+
+
+def test_search_next_url_fault_points_paging_elsewhere(driver: Driver) -> None:
+    driver.register()
+    token = driver.ehr_launch_token()["access_token"]
+    driver.faults("app", {"search_next_url": "https://evil.example/fhir/Observation?page=2"})
+    bundle = driver.fhir("GET", "Encounter", token).json
+    assert {"relation": "next", "url": "https://evil.example/fhir/Observation?page=2"} in bundle["link"]
+
+
+def test_forged_id_token_can_be_handed_to_the_app(driver: Driver) -> None:
+    """The I rows of the checklist: the test forges the id_token, the sandbox delivers it in a real flow."""
+    driver.register()
+    driver.faults("app", {"token_response": {"id_token": "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0."}})
+    token = driver.ehr_launch_token(scope="launch openid fhirUser patient/*.rs")
+    assert token["id_token"] == "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0."
+
+
+@pytest.mark.parametrize(
+    ("fault", "check"),
+    [
+        ({"status": 500}, lambda r: r.status_code == 500),
+        (
+            {"content_type": "text/html", "body": "<html>maintenance</html>"},
+            lambda r: r.mimetype == "text/html",
+        ),
+        (
+            {
+                "overrides": {
+                    "code_challenge_methods_supported": None,
+                    "token_endpoint": "http://evil.example/t",
+                }
+            },
+            lambda r: (
+                "code_challenge_methods_supported" not in r.json
+                and r.json["token_endpoint"] == "http://evil.example/t"
+            ),
+        ),
+        (
+            {"redirect": "https://other.example/.well-known/smart-configuration"},
+            lambda r: r.status_code == 302 and r.headers["Location"].startswith("https://other.example/"),
+        ),
+    ],
+)
+def test_discovery_fault_bends_smart_configuration(
+    driver: Driver, fault: dict[str, object], check: object
+) -> None:
+    assert driver.admin("PUT", "/discovery/fault", fault).status_code == 200
+    response = driver.http.get("/fhir/.well-known/smart-configuration")
+    assert check(response)  # type: ignore[operator]
+    assert driver.admin("DELETE", "/discovery/fault").status_code == 204
+    assert driver.http.get("/fhir/.well-known/smart-configuration").json[
+        "code_challenge_methods_supported"
+    ] == ["S256"]
+
+
+def test_discovery_fault_can_target_one_document_and_expire(driver: Driver) -> None:
+    fault = {"status": 503, "documents": ["openid-configuration"], "times": 1}
+    assert driver.admin("PUT", "/discovery/fault", fault).status_code == 200
+    assert driver.http.get("/fhir/.well-known/smart-configuration").status_code == 200
+    assert driver.http.get("/fhir/.well-known/openid-configuration").status_code == 503
+    assert driver.http.get("/fhir/.well-known/openid-configuration").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {},
+        {"status": 700},
+        {"delay_seconds": 60},
+        {"documents": ["metadata"]},
+        {"overrides": []},
+        {"colour": "red"},
+    ],
+)
+def test_bad_discovery_faults_are_refused(driver: Driver, fault: dict[str, object]) -> None:
+    assert driver.admin("PUT", "/discovery/fault", fault).status_code == 400

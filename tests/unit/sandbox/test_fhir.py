@@ -497,6 +497,51 @@ def test_bad_searches_are_refused_not_ignored(driver: Driver, system_token: str,
     assert response.json["resourceType"] == "OperationOutcome"
 
 
+def test_lenient_handling_skips_unknown_parameters_and_says_so(
+    driver: Driver, system_token: str, seeded: dict[str, str]
+) -> None:
+    response = driver.fhir(
+        "GET",
+        f"Observation?patient={PATIENT}&colour=blue",
+        system_token,
+        headers={"Prefer": "handling=lenient"},
+    )
+    assert response.status_code == 200
+    bundle = response.json
+    assert bundle["total"] == 5
+    self_link = next(link["url"] for link in bundle["link"] if link["relation"] == "self")
+    assert "colour" not in self_link and f"patient={PATIENT}" in self_link
+
+
+def test_unsupported_interactions_say_what_is_supported(driver: Driver, system_token: str) -> None:
+    response = driver.fhir("GET", f"Patient/{PATIENT}/_history", system_token)
+    assert response.status_code == 404
+    assert "/fhir/metadata" in response.json["issue"][0]["diagnostics"]
+
+
+def test_transaction_puts_may_reference_each_other(driver: Driver, system_token: str) -> None:
+    goal = {
+        "resourceType": "Goal",
+        "id": "g1",
+        "lifecycleStatus": "active",
+        "description": {"text": "Walk daily"},
+        "subject": {"reference": f"Patient/{PATIENT}"},
+        "addresses": [{"reference": "Goal/g2"}],
+    }
+    other = goal | {"id": "g2", "addresses": [{"reference": "Goal/g1"}]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"resource": goal, "request": {"method": "PUT", "url": "Goal/g1"}},
+            {"resource": other, "request": {"method": "PUT", "url": "Goal/g2"}},
+        ],
+    }
+    response = driver.fhir("POST", "", system_token, bundle)
+    assert response.status_code == 200, response.json
+    assert [e["response"]["status"] for e in response.json["entry"]] == ["201 Created", "201 Created"]
+
+
 def test_search_by_post(driver: Driver, system_token: str, seeded: dict[str, str]) -> None:
     response = driver.http.post(
         "/fhir/Observation/_search",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import re
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -270,3 +271,47 @@ def test_backend_services_write_and_search(sandbox_server: SandboxServer) -> Non
     assert (
         requests.get(f"{base}/{qr_ref}", headers=bearer, timeout=10).json()["identifier"]["value"] == "qr-5"
     )
+
+
+def test_concurrent_identical_conditional_creates_make_one_resource(sandbox_server: SandboxServer) -> None:
+    """Unlike the third-party test server, the sandbox's conditional create is atomic."""
+    key = AppKey.ec()
+    client_id = f"backend-{uuid.uuid4().hex[:8]}"
+    sandbox_server.register(
+        client_id, auth_method="private_key_jwt", jwks=key.jwks, scopes=["system/*.cruds"]
+    )
+    token = requests.post(
+        sandbox_server.token_url,
+        data=key.client_credentials(client_id, sandbox_server.token_url, "system/Observation.crs"),
+        timeout=10,
+    ).json()["access_token"]
+    ident = uuid.uuid4().hex
+    observation = {
+        "resourceType": "Observation",
+        "identifier": [{"system": "urn:test", "value": ident}],
+        "status": "final",
+        "code": {"text": "steps"},
+        "subject": {"reference": "Patient/sbx-patient-6"},
+        "valueInteger": 4000,
+    }
+    headers = {
+        "Authorization": f"Bearer {token}",
+        "Content-Type": "application/fhir+json",
+        "If-None-Exist": f"identifier=urn:test|{ident}",
+    }
+
+    def post(_: int) -> tuple[int, str]:
+        response = requests.post(
+            f"{sandbox_server.fhir_base}/Observation", json=observation, headers=headers, timeout=30
+        )
+        return response.status_code, response.json()["id"]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(post, range(16)))
+    assert sorted(status for status, _ in results).count(201) == 1
+    assert {status for status, _ in results} == {200, 201}
+    assert len({rid for _, rid in results}) == 1
+    found = requests.get(
+        f"{sandbox_server.fhir_base}/Observation?identifier=urn:test|{ident}", headers=headers, timeout=10
+    ).json()
+    assert found["total"] == 1

@@ -62,5 +62,8 @@ def launch(patient_id: str) -> Response:
         src=launch_url,
     )
     response = Response(html, mimetype="text/html")
-    response.headers["Content-Security-Policy"] = web.csp(frame_src=[f"{parts.scheme}://{parts.netloc}"])
+    # The frame navigates between the app and our authorize endpoint during the launch: both allowed.
+    response.headers["Content-Security-Policy"] = web.csp(
+        frame_src=["'self'", f"{parts.scheme}://{parts.netloc}"]
+    )
     return response

@@ -51,7 +51,7 @@ def test_launch_button_opens_the_app_in_a_frame_with_iss_and_launch(driver: Driv
     assert src.startswith(APP_LAUNCH + "?")
     query = {k: v[0] for k, v in parse_qs(urlsplit(src).query).items()}
     assert query["iss"] == FHIR
-    assert "frame-src https://app.example" in response.headers["Content-Security-Policy"]
+    assert "frame-src 'self' https://app.example;" in response.headers["Content-Security-Policy"]
 
     # What the app does next: authorize with that launch, and it gets this patient.
     verifier, challenge = pkce_pair()

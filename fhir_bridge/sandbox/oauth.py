@@ -44,7 +44,7 @@ from authlib.oidc.core.grants import OpenIDCode
 from flask import Flask, g
 from joserfc import jws, jwt
 from joserfc.errors import JoseError
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from fhir_bridge.sandbox import runtime
@@ -420,6 +420,8 @@ class SmartClientAssertion(JWTBearerClientAssertion):  # type: ignore[misc]
         session = db()
         now = utcnow()
         client_id = str(claims["sub"])
+        # Assertions past their expiry can never be replayed: forget them (the table stays small).
+        session.execute(delete(SeenAssertion).where(SeenAssertion.expires_at <= now))
         seen = session.get(SeenAssertion, (client_id, jti))
         if seen is not None and seen.expires_at > now:
             return False

@@ -149,13 +149,18 @@ class StoredResource(SandboxBase):
     """The current version of one FHIR resource, as JSON text."""
 
     __tablename__ = "resources"
-    __table_args__ = (Index("ix_resources_type_updated", "res_type", "last_updated_us"),)
+    __table_args__ = (
+        Index("ix_resources_type_updated", "res_type", "last_updated_us"),
+        Index("ix_resources_type_sort", "res_type", "sort_lo"),
+    )
 
     res_type: Mapped[str] = mapped_column(String(64), primary_key=True)
     res_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     version: Mapped[int] = mapped_column(Integer)
     # Microseconds since the epoch (UTC): sortable and comparable the same way on every backend.
     last_updated_us: Mapped[int] = mapped_column(BigInteger)
+    # Start of the type's primary date (searchparams.PRIMARY_DATE), for `_sort` without a look-up.
+    sort_lo: Mapped[int | None] = mapped_column(BigInteger)
     body: Mapped[str] = mapped_column(Text)
 
 

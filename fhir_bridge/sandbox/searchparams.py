@@ -227,7 +227,22 @@ COMPARTMENT: dict[str, str] = {
     "Consent": "patient",
 }
 
-# `_sort=date` means this parameter for types whose date has another name.
+# The date parameter each type is most often sorted by; its start is kept on the resource row too
+# (``StoredResource.sort_lo``), so `_sort` on it needs no per-resource look-up.
+PRIMARY_DATE: dict[str, str] = {
+    "Observation": "date",
+    "QuestionnaireResponse": "authored",
+    "Encounter": "date",
+    "Flag": "date",
+    "Task": "authored-on",
+    "Goal": "start-date",
+    "Communication": "sent",
+    "Consent": "date",
+    "Questionnaire": "date",
+    "Provenance": "recorded",
+    "Patient": "birthdate",
+}
+
 _BY_NAME: dict[str, dict[str, SearchParam]] = {t: {p.name: p for p in ps} for t, ps in PARAMS.items()}
 
 

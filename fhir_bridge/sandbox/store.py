@@ -42,6 +42,7 @@ from fhir_bridge.sandbox.scopes import Rule
 from fhir_bridge.sandbox.searchparams import (
     COMPARTMENT,
     MAX_US,
+    PRIMARY_DATE,
     SUPPORTED_TYPES,
     SearchParam,
     index_rows,
@@ -215,7 +216,9 @@ class SearchQuery:
     count: int = DEFAULT_COUNT
     offset: int = 0
     sort: list[tuple[str, bool]] = field(default_factory=list)  # (param, descending)
-    total: bool = True
+    # auto: a total on the first page (counting on every page of a long search costs as much again);
+    # accurate: on every page; none: never.
+    total: str = "auto"
     summary_count: bool = False
     # The filtering parameters as given (normalised order), for the Bundle's self and next links.
     echo: list[tuple[str, str]] = field(default_factory=list)
@@ -466,7 +469,7 @@ class FhirStore:
         elif name == "_total":
             if value not in ("none", "estimate", "accurate"):
                 raise BadRequest("_total must be none, estimate or accurate.", code="invalid-search")
-            query.total = value != "none"
+            query.total = "none" if value == "none" else "accurate"
         elif name == "_summary":
             if value not in ("count", "false"):
                 raise BadRequest("_summary supports only count and false.", code="unsupported-search")
@@ -506,14 +509,29 @@ class FhirStore:
             self._rules_clause(rtype, rules),
         )
         total = None
-        if query.total or query.summary_count:
+        wants_total = query.total == "accurate" or (query.total == "auto" and query.offset == 0)
+        if wants_total or query.summary_count:
             total = session.scalar(select(func.count()).select_from(StoredResource).where(where)) or 0
         if query.summary_count or query.count == 0:
             return SearchPage(query, total, [], False)
-        stmt = select(StoredResource.res_type, StoredResource.res_id, StoredResource.body).where(where)
-        stmt = stmt.order_by(*self._order_by(rtype, query.sort)).offset(query.offset).limit(query.count + 1)
-        rows = [(t, i, b) for t, i, b in session.execute(stmt)]
-        return SearchPage(query, total, rows[: query.count], len(rows) > query.count)
+        # Sort and page narrow rows (ids), then fetch the page's bodies by primary key: sorting thousands
+        # of rows with their JSON attached costs several times more.
+        ids_stmt = select(StoredResource.res_id).where(where)
+        ids_stmt = (
+            ids_stmt.order_by(*self._order_by(rtype, query.sort)).offset(query.offset).limit(query.count + 1)
+        )
+        ids = list(session.scalars(ids_stmt))
+        page_ids = ids[: query.count]
+        bodies: dict[str, str] = {}
+        if page_ids:
+            found = session.execute(
+                select(StoredResource.res_id, StoredResource.body).where(
+                    StoredResource.res_type == rtype, StoredResource.res_id.in_(page_ids)
+                )
+            )
+            bodies = {rid: body for rid, body in found}
+        rows = [(rtype, rid, bodies[rid]) for rid in page_ids if rid in bodies]
+        return SearchPage(query, total, rows, len(ids) > query.count)
 
     def _forbid_other_patients(self, query: SearchQuery, rules: list[Rule]) -> None:
         """A patient-scoped token naming another patient gets a clear 403, not a silently empty result."""
@@ -611,6 +629,8 @@ class FhirStore:
                 column: Any = StoredResource.res_id
             elif key == "_lastUpdated":
                 column = StoredResource.last_updated_us
+            elif key == PRIMARY_DATE.get(rtype):
+                column = StoredResource.sort_lo
             else:
                 S = SearchEntry
                 column = (
@@ -726,7 +746,7 @@ class FhirStore:
             raise BadRequest(
                 "Conditional create needs at least one search criterion.", code="invalid-condition"
             )
-        query.count, query.total = 2, False
+        query.count, query.total = 2, "none"
         page = self.search(session, query, FullAccess())
         if len(page.rows) > 1:
             raise PreconditionFailed(
@@ -748,15 +768,25 @@ class FhirStore:
         body = orjson.dumps(resource).decode()
         stamp = micros(moment)
         own = batch or _Batch()
+        rows = index_rows(resource, self.base_url)
+        primary = PRIMARY_DATE.get(rtype)
+        sort_lo = min((r.lo for r in rows if r.param == primary and r.lo is not None), default=None)
         if version == 1:
             own.resources.append(
-                {"res_type": rtype, "res_id": rid, "version": 1, "last_updated_us": stamp, "body": body}
+                {
+                    "res_type": rtype,
+                    "res_id": rid,
+                    "version": 1,
+                    "last_updated_us": stamp,
+                    "sort_lo": sort_lo,
+                    "body": body,
+                }
             )
         else:
             session.execute(
                 update(StoredResource)
                 .where(StoredResource.res_type == rtype, StoredResource.res_id == rid)
-                .values(version=version, last_updated_us=stamp, body=body)
+                .values(version=version, last_updated_us=stamp, sort_lo=sort_lo, body=body)
             )
             session.execute(
                 delete(SearchEntry).where(SearchEntry.res_type == rtype, SearchEntry.res_id == rid)
@@ -772,7 +802,7 @@ class FhirStore:
                 "lo": r.lo,
                 "hi": r.hi,
             }
-            for r in index_rows(resource, self.base_url)
+            for r in rows
         )
         if batch is None:
             own.flush(session)
@@ -1036,6 +1066,8 @@ class FhirStore:
             if query.sort:
                 params.append(("_sort", ",".join(("-" if d else "") + k for k, d in query.sort)))
             params.append(("_count", str(query.count)))
+            if query.total != "auto":
+                params.append(("_total", query.total))
             if offset:
                 params.append(("_offset", str(offset)))
             return f"{base}?{urlencode(params)}"

@@ -33,6 +33,7 @@ from sqlalchemy import (
     true,
     update,
 )
+from sqlalchemy import text as sql_text
 from sqlalchemy.orm import Session
 
 from fhir_bridge.errors import BadRequest, BridgeError, Forbidden, NotFound, Unprocessable
@@ -747,13 +748,39 @@ class FhirStore:
                 "Conditional create needs at least one search criterion.", code="invalid-condition"
             )
         query.count, query.total = 2, "none"
-        page = self.search(session, query, FullAccess())
-        if len(page.rows) > 1:
+        bodies = self._identifier_match(session, query)
+        if bodies is None:
+            bodies = [body for _, _, body in self.search(session, query, FullAccess()).rows]
+        if len(bodies) > 1:
             raise PreconditionFailed(
                 f"The conditional-create criteria {criteria[:100]!r} match more than one {rtype}.",
                 fhir_path=path,
             )
-        return orjson.loads(page.rows[0][2]) if page.rows else None
+        return orjson.loads(bodies[0]) if bodies else None
+
+    def _identifier_match(self, session: Session, query: SearchQuery) -> list[str] | None:
+        """Fast path for the usual condition, one ``token=system|code``: a prepared statement, no query
+        building (a Bundle of thousands of conditional creates spends most of its time here otherwise).
+        None when the condition has another shape."""
+        if len(query.criteria) != 1:
+            return None
+        (c,) = query.criteria
+        if (
+            c.spec is None
+            or c.spec.kind != "token"
+            or c.modifier
+            or len(c.values) != 1
+            or "|" not in c.values[0]
+        ):
+            return None
+        system, code = c.values[0].split("|", 1)
+        if not system or not code:
+            return None
+        rows = session.execute(
+            _IDENTIFIER_MATCH,
+            {"rtype": query.resource_type, "param": c.name, "system": system, "code": code},
+        )
+        return [body for (body,) in rows]
 
     def _store(
         self, session: Session, resource: dict[str, Any], *, version: int, batch: _Batch | None = None
@@ -1124,6 +1151,13 @@ class FhirStore:
             stmt = stmt.where(StoredResource.res_id.in_(others), StoredResource.res_id.not_in(mine))
         row = session.execute(stmt.order_by(StoredResource.last_updated_us.desc()).limit(1)).first()
         return (row[0], row[1], row[2]) if row else None
+
+
+_IDENTIFIER_MATCH = sql_text(
+    "SELECT r.body FROM resources r WHERE r.res_type = :rtype AND r.res_id IN ("
+    "SELECT s.res_id FROM search_index s WHERE s.res_type = :rtype AND s.param = :param "
+    "AND s.code = :code AND s.system = :system) LIMIT 2"
+)
 
 
 def _resolve(node: Any, ids: dict[str, str]) -> Any:

@@ -278,14 +278,30 @@ def sandbox_serve(
     """Run the sandbox EHR on its own port (chart at /, FHIR base at /fhir)."""
     from pathlib import Path
 
-    from fhir_bridge.instance import ensure_folder, read_or_create_secret
-    from fhir_bridge.sandbox.runtime import SandboxConfig
+    from fhir_bridge.errors import BridgeError
+    from fhir_bridge.sandbox.app import create_sandbox_app
+    from fhir_bridge.sandbox.runtime import Sandbox, SandboxConfig
     from fhir_bridge.sandbox.server import run_sandbox
 
     url = (public_url or f"http://{host}:{port}").rstrip("/")
     config = SandboxConfig(data_dir=Path(data_dir), public_url=url, seed=not no_seed)
-    folder = ensure_folder(config.data_dir)
-    read_or_create_secret(folder / "admin_token")
+    clients = Path(clients_file) if clients_file else None
+    # Build it once here, so a bad clients file or a stale data folder is a one-line error, not a
+    # worker that fails to boot; this also creates the data folder, keys, admin token and demo data.
+    try:
+        app = create_sandbox_app(
+            config,
+            clients_file=clients,
+            bridge_url=bridge_url,
+            log_level="WARNING",
+            log_format=ctx.settings.log_format,
+        )
+    except (BridgeError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    sandbox = app.extensions["fhir_bridge.sandbox"]
+    assert isinstance(sandbox, Sandbox)
+    sandbox.db.dispose()  # no SQLite connection may cross gunicorn's fork
+    folder = config.data_dir
     click.echo(
         "Sandbox EHR (development and demo only; synthetic data, never real patients)\n"
         f"  chart:       {url}/\n"
@@ -296,7 +312,7 @@ def sandbox_serve(
         config,
         host=host,
         port=port,
-        clients_file=Path(clients_file) if clients_file else None,
+        clients_file=clients,
         bridge_url=bridge_url,
         log_level=ctx.settings.log_level,
         log_format=ctx.settings.log_format,

@@ -13,6 +13,7 @@ from typing import Any
 from flask import Flask, Response, g
 
 from fhir_bridge import errors
+from fhir_bridge.errors import BridgeError
 from fhir_bridge.instance import ensure_folder, read_or_create_secret
 from fhir_bridge.ops import logs
 from fhir_bridge.sandbox import admin, auth_views, chart, clients, fhir_api, oauth, runtime, seed, web
@@ -98,11 +99,16 @@ def create_sandbox_app(
         if config.seed and seed.is_empty(session):
             count = seed.seed(session, sandbox.store)
             log.info("sandbox seeded with demo data", extra={"count": count})
-        registrations = bridge_clients(bridge_url) if bridge_url else []
+        registrations = [("--bridge-url", r) for r in (bridge_clients(bridge_url) if bridge_url else [])]
         if clients_file is not None:
-            registrations += clients.read_file(clients_file)
-        for registration in registrations:
-            clients.register(session, registration["client_id"], registration)
+            registrations += [(str(clients_file), r) for r in clients.read_file(clients_file)]
+        for source, registration in registrations:
+            try:
+                clients.register(session, registration["client_id"], registration)
+            except BridgeError as exc:
+                raise BridgeError(
+                    f"{source}: client {registration['client_id'][:128]!r}: {exc.message}", code=exc.code
+                ) from None
     log.warning(
         "SANDBOX EHR (development and demo only, synthetic data, never for real patients)",
         extra={"count": len(registrations)},

@@ -18,6 +18,9 @@ from sqlalchemy.orm import Session
 
 from fhir_bridge.sandbox.models import SandboxBase
 
+# Bump when a table changes: an older data folder is then refused with a clear message.
+SCHEMA_VERSION = 1
+
 
 def _engine(path: Path, *, immediate: bool) -> Engine:
     engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 30, "check_same_thread": False})
@@ -49,7 +52,22 @@ class SandboxDatabase:
         self.read_engine = _engine(path, immediate=False)
 
     def create_all(self) -> None:
+        """Create the tables in a new file; refuse, saying what to do, a file from another schema version.
+
+        The sandbox has no migrations (it is not the product): its data is synthetic and re-creatable.
+        """
+        with self.write_engine.connect() as conn:
+            found = conn.exec_driver_sql("PRAGMA user_version").scalar() or 0
+            tables = conn.exec_driver_sql("SELECT count(*) FROM sqlite_master WHERE type = 'table'").scalar()
+        if tables and found != SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self.path} was made by another version of the sandbox (schema {found}, this one is "
+                f"{SCHEMA_VERSION}); delete its data folder to start a fresh sandbox."
+            )
         SandboxBase.metadata.create_all(self.write_engine)
+        with self.write_engine.connect() as conn:
+            conn.exec_driver_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.commit()
 
     @contextmanager
     def write(self) -> Iterator[Session]:

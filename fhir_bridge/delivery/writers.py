@@ -99,6 +99,13 @@ class Entry:
     group: Group | None = None
     depends_on: set[str] = field(default_factory=set)
 
+    @property
+    def device_url(self) -> str | None:
+        """The urn:uuid: of the app Device this entry's record came from, if any."""
+        if self.group is None or self.group.device is None:
+            return None
+        return self.group.device.full_url
+
     def bundle_entry(self) -> dict[str, Any]:
         request: dict[str, Any] = {"method": self.method, "url": self.url}
         if self.if_none_exist:
@@ -398,7 +405,7 @@ class TransactionWriter:
                 _rewrite(entry.resource, plan.fixed_refs)
             entries.append(entry)
         for device in plan.devices.values():
-            mine = [e for e in plan.items if e.group is not None and e.group.device is device]
+            mine = [e for e in plan.items if e.device_url == device.full_url]
             if mine:
                 targets = [plan.fixed_refs.get(e.full_url, e.full_url) for e in mine]
                 provenance = plan.provenance(device, targets, [e.item for e in mine if e.item is not None])
@@ -553,11 +560,7 @@ class RoundsWriter:
     def _provenance(self, plan: Plan, resolved: dict[str, str]) -> None:
         """Best effort here: the resources are already written; a missing Provenance is logged."""
         for device in plan.devices.values():
-            mine = [
-                e
-                for e in plan.items
-                if e.group is not None and e.group.device is device and e.full_url in resolved
-            ]
+            mine = [e for e in plan.items if e.device_url == device.full_url and e.full_url in resolved]
             if not mine or device.full_url not in resolved or not self.guard():
                 continue
             entry = plan.provenance(

@@ -1,0 +1,99 @@
+"""Queued records reach the third-party FHIR server with SMART Backend Services auth: right content,
+references resolved, the app Device and a Provenance, each resource exactly once."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+
+import pytest
+from sqlalchemy import select
+
+from fhir_bridge.delivery import Worker
+from fhir_bridge.delivery.identity import DEVICE_SYSTEM, device_resource
+from fhir_bridge.fhir_client import FhirClient
+from fhir_bridge.storage.models import OutboxItem, Record
+from tests.integration.delivery.conftest import CLIENT_ID, ServicesFactory, drain
+from tests.support.outbox_seed import IDENT_SYSTEM, add_tenant, in_ehr, seed
+from tests.support.sekmet import SekmetServer
+
+pytestmark = [pytest.mark.ehr]
+
+QR_PUT = {"no_conditional_create": ["QuestionnaireResponse"]}
+
+
+@pytest.mark.parametrize("strategy", ["transaction", "batch", "single"])
+def test_records_arrive_once_with_references_device_and_provenance(
+    strategy: str,
+    smart_ehr: SekmetServer,
+    ehr_reader: FhirClient,
+    make_services: ServicesFactory,
+    sqlite_url: str,
+) -> None:
+    services = make_services(sqlite_url, worker_batch_size=7)
+    tenant = f"t-{strategy}"
+    add_tenant(services.db, tenant, smart_ehr.base_url, client_id=CLIENT_ID, strategy=strategy, quirks=QR_PUT)
+    patient = f"p{uuid.uuid4().hex[:12]}"
+    seeded = seed(services.db, tenant, patient=patient, records=12)
+
+    drain(Worker(services), tenant)
+
+    assert in_ehr(ehr_reader, patient) == Counter(seeded.items)
+    with services.db.sessions() as session:
+        items = list(session.scalars(select(OutboxItem).where(OutboxItem.tenant_id == tenant)))
+        statuses = set(session.scalars(select(Record.status).where(Record.id.in_(seeded.records))))
+    assert {i.status for i in items} == {"delivered"}
+    assert statuses == {"delivered"}
+    ehr_ids = {(i.resource_type, i.ident_value): (i.ehr_id, i.ehr_version) for i in items}
+
+    # What the EHR holds is what was queued, with every urn:uuid: reference resolved to its resource.
+    device = device_resource("acme-mood", "Acme Mood")
+    devices = ehr_reader.search("Device", [("identifier", f"{DEVICE_SYSTEM}|{device.ident_value}")])
+    assert len(devices.resources) == 1, "the app Device is created once, however many batches"
+    device_ref = f"Device/{devices.resources[0]['id']}"
+    observations = ehr_reader.search("Observation", [("subject", f"Patient/{patient}"), ("_count", "100")])
+    for obs in observations.resources:
+        value = obs["identifier"][0]["value"]
+        assert ehr_ids[("Observation", value)] == (obs["id"], obs["meta"]["versionId"])
+        assert obs["subject"] == {"reference": f"Patient/{patient}"}
+        if obs["code"]["coding"][0]["code"] == "44261-6":
+            (derived,) = obs["derivedFrom"]
+            qr = ehr_reader.read_reference(derived["reference"])
+            assert qr["resourceType"] == "QuestionnaireResponse"
+            assert qr["author"] == {"reference": device_ref}
+            assert qr["identifier"]["system"] == IDENT_SYSTEM
+            assert qr["id"] == qr["identifier"]["value"], "written with PUT to its identifier (quirk)"
+        else:
+            assert obs["device"] == {"reference": device_ref}
+            assert obs["valueQuantity"]["code"] == "/d"
+
+    # Every delivered resource is covered by a Provenance whose author is the app Device.
+    covered: set[str] = set()
+    for ident_pair, (ehr_id, _) in ehr_ids.items():
+        provenances = ehr_reader.search("Provenance", [("target", f"{ident_pair[0]}/{ehr_id}")])
+        for prov in provenances.resources:
+            assert prov["agent"][0]["who"] == {"reference": device_ref}
+            assert prov["agent"][0]["type"]["coding"][0]["code"] == "author"
+            covered.add(f"{ident_pair[0]}/{ehr_id}")
+    assert covered == {f"{t}/{i}" for (t, _), (i, _) in ehr_ids.items()}
+
+
+def test_running_again_writes_nothing_twice(
+    smart_ehr: SekmetServer, ehr_reader: FhirClient, make_services: ServicesFactory, sqlite_url: str
+) -> None:
+    """Re-queueing delivered resources (a replay) finds them already in the EHR: still one copy each."""
+    services = make_services(sqlite_url)
+    add_tenant(services.db, "t-replay", smart_ehr.base_url, client_id=CLIENT_ID, quirks=QR_PUT)
+    patient = f"p{uuid.uuid4().hex[:12]}"
+    seeded = seed(services.db, "t-replay", patient=patient, records=6)
+    worker = Worker(services)
+    drain(worker, "t-replay")
+    with services.db.transaction() as session:
+        first = {i.id: i.ehr_id for i in session.scalars(select(OutboxItem))}
+        for item in session.scalars(select(OutboxItem)):
+            item.status = "pending"
+    drain(worker, "t-replay")
+    with services.db.sessions() as session:
+        second = {i.id: i.ehr_id for i in session.scalars(select(OutboxItem))}
+    assert second == first
+    assert in_ehr(ehr_reader, patient) == Counter(seeded.items)

@@ -30,6 +30,7 @@ import orjson
 import requests
 from joserfc import jwt
 
+from auth.http import parse_retry_after, read_capped
 from auth.keys import Keyring
 
 log = logging.getLogger(__name__)
@@ -136,21 +137,9 @@ def _clamp_lifetime(raw: Any) -> int:
     return int(min(max(value, MIN_TOKEN_LIFETIME), MAX_TOKEN_LIFETIME))
 
 
-def _read_capped(response: requests.Response, limit: int) -> bytes:
-    body = b""
-    for chunk in response.iter_content(16384):
-        body += chunk
-        if len(body) > limit:
-            response.close()
-            raise ValueError(f"response larger than {limit} bytes")
-    return body
-
-
 def _retry_after(response: requests.Response) -> float | None:
-    raw = response.headers.get("Retry-After", "").strip()
-    if raw.isdigit():
-        return float(min(int(raw), 600))
-    return None
+    seconds = parse_retry_after(response.headers.get("Retry-After"))
+    return None if seconds is None else min(max(seconds, 1.0), 3600.0)
 
 
 @dataclass(frozen=True)
@@ -178,7 +167,7 @@ class BackendTokenSource:
         session: requests.Session | None = None,
         timeout: float = 30.0,
         max_attempts: int = 3,
-        failure_backoff: float = 10.0,
+        failure_backoff: float = 30.0,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -189,6 +178,9 @@ class BackendTokenSource:
         self.session = session or requests.Session()
         self.timeout = timeout
         self.max_attempts = max_attempts
+        # How long a failure is answered from memory: a refusal (a person must fix the registration)
+        # for ``failure_backoff``, an outage for a Retry-After or a couple of seconds; long enough
+        # that many threads do not each repeat it, short enough not to delay recovery.
         self.failure_backoff = failure_backoff
         self.clock = clock
         self.sleep = sleep
@@ -216,7 +208,10 @@ class BackendTokenSource:
             try:
                 fresh = self._fetch()
             except TokenError as exc:
-                wait = exc.retry_after if exc.retry_after is not None else self.failure_backoff
+                if exc.retry_after is not None:
+                    wait = exc.retry_after
+                else:
+                    wait = 1.0 if exc.retryable else self.failure_backoff
                 self._failure = (self.clock() + wait, exc)
                 raise
             self._failure = None
@@ -272,7 +267,7 @@ class BackendTokenSource:
             ) from None
         with response:
             try:
-                body = _read_capped(response, MAX_AUTH_RESPONSE_BYTES)
+                body = read_capped(response, MAX_AUTH_RESPONSE_BYTES)
             except (ValueError, requests.RequestException) as exc:
                 raise TokenError(
                     f"token endpoint {token_url}: unreadable response ({exc})",
@@ -369,14 +364,16 @@ class SmartConfigurationCache:
                 stream=True,
             )
             with response:
-                body = _read_capped(response, MAX_AUTH_RESPONSE_BYTES)
+                body = read_capped(response, MAX_AUTH_RESPONSE_BYTES)
         except (requests.RequestException, ValueError) as exc:
             raise TokenError(f"discovery at {where} failed ({type(exc).__name__})", retryable=True) from None
         if response.status_code != 200:
+            retryable = response.status_code in RETRYABLE_STATUSES
             raise TokenError(
                 f"discovery at {where} answered {response.status_code}",
                 status=response.status_code,
-                retryable=response.status_code in RETRYABLE_STATUSES,
+                retryable=retryable,
+                retry_after=_retry_after(response) if retryable else None,
             )
         try:
             data = orjson.loads(body)

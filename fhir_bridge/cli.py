@@ -250,6 +250,18 @@ def worker(ctx: Context, once: bool, threads: int | None, metrics_port: int | No
     Any number of workers may run against one PostgreSQL database; on SQLite run one.
     """
     import signal
+    import threading
+
+    # Handlers first: a stop requested while we start up is honoured once the loop begins.
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            raise SystemExit(128 + signum)  # a second signal: stop now; leases cover the batch in hand
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
 
     from fhir_bridge.delivery import Worker
     from fhir_bridge.ops import logs
@@ -265,18 +277,11 @@ def worker(ctx: Context, once: bool, threads: int | None, metrics_port: int | No
 
         start_http_server(metrics_port, addr="127.0.0.1", registry=registry_for(services.db))
     runner = Worker(services)
+    runner.stop = stop
     if once:
-        while runner.run_once():
+        while not stop.is_set() and runner.run_once():
             pass
         return
-
-    def _stop(signum: int, _frame: Any) -> None:
-        if runner.stop.is_set():
-            raise SystemExit(128 + signum)  # a second signal: stop now; leases cover the batch in hand
-        runner.stop.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
     runner.run(threads=threads or settings.worker_threads)
 
 

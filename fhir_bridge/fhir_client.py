@@ -20,13 +20,11 @@ rules that are easy to get subtly wrong when every caller writes its own loop:
 
 from __future__ import annotations
 
-import email.utils
 import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -34,6 +32,9 @@ import orjson
 import requests
 from requests.structures import CaseInsensitiveDict
 from urllib3.exceptions import NameResolutionError, NewConnectionError
+
+from auth.backend import TokenError
+from auth.http import parse_retry_after, read_capped
 
 FHIR_JSON = "application/fhir+json"
 USER_AGENT = "fhir-bridge/0.1"
@@ -121,29 +122,6 @@ def outcome_text(outcome: Mapping[str, Any] | None, limit: int = 300) -> str:
             parts.append(f"{code}: {text}" if code and text else str(text or code))
     joined = "; ".join(parts)
     return joined if len(joined) <= limit else joined[: limit - 1] + "…"
-
-
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date); None if unusable.
-
-    A date in the past means "now" (0); negative numbers, words and empty values are unusable, and
-    the caller falls back to its own backoff. Callers clamp the result.
-    """
-    if value is None:
-        return None
-    raw = value.strip()
-    if not raw:
-        return None
-    if raw.isdigit():
-        return float(int(raw))
-    try:
-        when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    delta = (when - (now or datetime.now(UTC))).total_seconds()
-    return max(0.0, delta)
 
 
 def parse_location(location: str) -> tuple[str, str, str | None] | None:
@@ -356,7 +334,6 @@ class FhirClient:
             self._raise_or_wait(response, method, url, attempt, repeatable)
 
     def _token(self) -> str:
-        from auth.backend import TokenError  # the backend source raises these; others raise FhirAuthError
 
         assert self.auth is not None
         try:
@@ -422,25 +399,12 @@ class FhirClient:
         )
 
     def _read(self, raw: requests.Response) -> bytes:
-        declared = raw.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > self.max_response_bytes:
+        try:
+            return read_capped(raw, self.max_response_bytes)
+        except ValueError as exc:
             raise FhirBadResponse(
-                f"{raw.request.method} {_origin_of(raw.url)}: answer of {declared} bytes is larger than "
-                f"the {self.max_response_bytes} accepted",
-                status=raw.status_code,
-            )
-        chunks = []
-        size = 0
-        for chunk in raw.iter_content(256 * 1024):
-            size += len(chunk)
-            if size > self.max_response_bytes:
-                raise FhirBadResponse(
-                    f"{raw.request.method} {_origin_of(raw.url)}: answer larger than the "
-                    f"{self.max_response_bytes} bytes accepted",
-                    status=raw.status_code,
-                )
-            chunks.append(chunk)
-        return b"".join(chunks)
+                f"{raw.request.method} {_origin_of(raw.url)}: {exc}", status=raw.status_code
+            ) from None
 
     def _parse(self, raw: requests.Response, content: bytes, method: str, url: str) -> dict[str, Any] | None:
         if not content.strip():
@@ -525,18 +489,19 @@ class FhirClient:
         if_none_exist: str | None = None,
         prefer: str | None = "return=minimal",
     ) -> FhirResponse:
-        """POST a resource; with ``if_none_exist`` a conditional create (safe to repeat)."""
+        """POST a resource; with ``if_none_exist`` a conditional create, safe to repeat *later*.
+
+        Not immediately, though: after a lost answer the first request may still be running on the
+        server, and not every server makes conditional create atomic against a twin in flight. So
+        an ambiguous failure is raised for the caller's queue to retry after a pause.
+        """
         headers = {}
         if if_none_exist:
             headers["If-None-Exist"] = if_none_exist
         if prefer:
             headers["Prefer"] = prefer
         return self.request(
-            "POST",
-            str(resource["resourceType"]),
-            body=resource,
-            headers=headers,
-            idempotent=bool(if_none_exist),
+            "POST", str(resource["resourceType"]), body=resource, headers=headers, idempotent=False
         )
 
     def update(self, resource: Mapping[str, Any], *, prefer: str | None = "return=minimal") -> FhirResponse:

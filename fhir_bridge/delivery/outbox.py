@@ -68,6 +68,9 @@ class Claim:
     lease_until: datetime
     items: list[Item] = field(default_factory=list)
     vendors: dict[uuid.UUID, Vendor] = field(default_factory=dict)
+    # Resources of the claimed groups already in the EHR (a retried dead letter's siblings), so that
+    # references to them can be written as the EHR's ids: (tenant, type, system, value) -> ehr id.
+    delivered: dict[tuple[str, str, str, str], str] = field(default_factory=dict)
 
     def by_tenant(self) -> dict[str, list[Item]]:
         grouped: dict[str, list[Item]] = defaultdict(list)
@@ -196,6 +199,26 @@ def claim(
             )
             for row in chosen
         ]
+        siblings = session.execute(
+            select(
+                OutboxItem.tenant_id,
+                OutboxItem.group_key,
+                OutboxItem.resource_type,
+                OutboxItem.ident_system,
+                OutboxItem.ident_value,
+                OutboxItem.ehr_id,
+            ).where(
+                OutboxItem.status == "delivered",
+                OutboxItem.group_key.in_(sorted({row.group_key for row in chosen})),
+                OutboxItem.ehr_id.is_not(None),
+            )
+        ).all()
+        taken = {(row.tenant_id, row.group_key) for row in chosen}
+        result.delivered = {
+            (row.tenant_id, row.resource_type, row.ident_system, row.ident_value): row.ehr_id
+            for row in siblings
+            if (row.tenant_id, row.group_key) in taken
+        }
         record_ids = sorted({item.record_id for item in result.items if item.record_id is not None})
         if record_ids:
             vendor_rows = session.execute(

@@ -31,7 +31,7 @@ from datetime import datetime, timedelta
 from sqlalchemy.exc import SQLAlchemyError
 
 from fhir_bridge.delivery import outbox
-from fhir_bridge.delivery.identity import device_resource
+from fhir_bridge.delivery.identity import device_resource, full_url
 from fhir_bridge.delivery.outbox import Claim, Item, Result
 from fhir_bridge.delivery.tenants import TenantDirectory, TenantRuntime
 from fhir_bridge.delivery.writers import Group, Written, make_outcome, make_writer
@@ -130,12 +130,18 @@ class Worker:
                 return True
             return outbox.extend_lease(self.db, claim, ids, self.policy.lease_seconds)
 
+        known = {
+            full_url(system, value): f"{resource_type}/{ehr_id}"
+            for (tenant, resource_type, system, value), ehr_id in claim.delivered.items()
+            if tenant == tenant_id
+        }
         writer = make_writer(
             runtime.strategy,
             runtime.client,
             put_types=runtime.put_types,
             device_ids=runtime.device_ids,
             guard=keep_lease,
+            known=known,
         )
         started = time.perf_counter()
         written = writer.write(groups)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
@@ -152,8 +152,12 @@ def _now_instant() -> str:
 class Plan:
     """The entries for a list of groups under one tenant's quirks, in dependency-free form."""
 
-    def __init__(self, groups: Sequence[Group], put_types: frozenset[str]) -> None:
+    def __init__(
+        self, groups: Sequence[Group], put_types: frozenset[str], known: Mapping[str, str] | None = None
+    ) -> None:
         self.put_types = put_types
+        # urn:uuid: of resources already in the EHR (delivered earlier) -> their Type/id there.
+        self.known = dict(known or {})
         self.groups = list(groups)
         self.devices: dict[str, AppDevice] = {}
         self.items: list[Entry] = []
@@ -171,15 +175,17 @@ class Plan:
                 self.items.append(entry)
                 if entry.method == "PUT":
                     self.fixed_refs[entry.full_url] = entry.url
-        known = {e.full_url for e in self.items} | set(self.devices)
+        defined = {e.full_url for e in self.items} | set(self.devices)
         for entry in self.items:
+            if self.known:
+                _rewrite(entry.resource, self.known)
             entry.depends_on = {
                 ref["reference"]
                 for ref in walk_references(entry.resource)
                 if ref["reference"].startswith("urn:uuid:")
             }
             entry.depends_on.discard(entry.full_url)
-            unknown = entry.depends_on - known
+            unknown = entry.depends_on - defined
             if unknown:
                 # A contract breach upstream: a urn:uuid: that nothing in the request defines.
                 entry.depends_on = entry.depends_on | {"!unresolvable"}
@@ -339,10 +345,18 @@ def _culprit_index(outcome: dict[str, Any] | None, message: str) -> int | None:
 class TransactionWriter:
     """All groups in one transaction Bundle; halves on refusal until the refusing group is isolated."""
 
-    def __init__(self, client: FhirClient, *, put_types: frozenset[str], guard: Guard | None = None) -> None:
+    def __init__(
+        self,
+        client: FhirClient,
+        *,
+        put_types: frozenset[str],
+        guard: Guard | None = None,
+        known: Mapping[str, str] | None = None,
+    ) -> None:
         self.client = client
         self.put_types = put_types
         self.guard = guard or (lambda: True)
+        self.known = known
         self.requests = 0
 
     def write(self, groups: Sequence[Group]) -> dict[int, Written]:
@@ -356,7 +370,7 @@ class TransactionWriter:
                 for item in group.items:
                     results[item.id] = Written("held", message="lease ran short before this request")
             return
-        plan = Plan(groups, self.put_types)
+        plan = Plan(groups, self.put_types, self.known)
         entries = self._entries(plan)
         bundle = {
             "resourceType": "Bundle",
@@ -365,7 +379,7 @@ class TransactionWriter:
         }
         self.requests += 1
         try:
-            response = self.client.bundle(bundle, idempotent=True)
+            response = self.client.bundle(bundle, idempotent=False)
             answers = response.get("entry") or []
             if len(answers) != len(entries):
                 raise FhirBadResponse(
@@ -444,8 +458,10 @@ class RoundsWriter:
         put_types: frozenset[str],
         device_ids: dict[str, str] | None = None,
         guard: Guard | None = None,
+        known: Mapping[str, str] | None = None,
     ) -> None:
         self.client = client
+        self.known = known
         self.mode = mode
         self.put_types = put_types
         # Devices already in this EHR (urn -> Device/id), shared across batches of one tenant.
@@ -454,7 +470,7 @@ class RoundsWriter:
         self.requests = 0
 
     def write(self, groups: Sequence[Group]) -> dict[int, Written]:
-        plan = Plan(groups, self.put_types)
+        plan = Plan(groups, self.put_types, self.known)
         resolved: dict[str, str] = {}
         failed: dict[str, Written] = {}
         results: dict[int, Written] = {}
@@ -543,7 +559,7 @@ class RoundsWriter:
         bundle = {"resourceType": "Bundle", "type": "batch", "entry": [e.bundle_entry() for e in entries]}
         self.requests += 1
         try:
-            response = self.client.bundle(bundle, idempotent=True)
+            response = self.client.bundle(bundle, idempotent=False)
         except FhirError as exc:
             return [_written_from_error(exc)] * len(entries)
         answers = response.get("entry") or []
@@ -606,9 +622,10 @@ def make_writer(
     put_types: frozenset[str],
     device_ids: dict[str, str],
     guard: Guard | None = None,
+    known: Mapping[str, str] | None = None,
 ) -> Writer:
     if strategy == "transaction":
-        return TransactionWriter(client, put_types=put_types, guard=guard)
+        return TransactionWriter(client, put_types=put_types, guard=guard, known=known)
     if strategy in ("batch", "single"):
         return RoundsWriter(
             client,
@@ -616,5 +633,6 @@ def make_writer(
             put_types=put_types,
             device_ids=device_ids,
             guard=guard,
+            known=known,
         )
     raise ValueError(f"unknown write strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import http.client
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -46,7 +46,12 @@ class ForwardThenDrop:
     """Forward the request, wait for the upstream answer, then close the client connection unanswered."""
 
 
-Fault = Respond | ForwardThenDrop
+@dataclass(frozen=True)
+class Pass:
+    """Forward as usual (to let some requests through in a queue of faults)."""
+
+
+Fault = Respond | ForwardThenDrop | Pass
 
 
 class FaultProxy:
@@ -60,6 +65,7 @@ class FaultProxy:
         self._rule: tuple[float, Fault] | None = None
         self.forwarded = 0
         self.injected = 0
+        self.statuses: Counter[int] = Counter()  # statuses the upstream answered with
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -95,7 +101,7 @@ class FaultProxy:
                 self.end_headers()
                 self.wfile.write(payload)
 
-            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle  # noqa: N815
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
 
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self.server.daemon_threads = True
@@ -152,6 +158,9 @@ class FaultProxy:
             send["Host"] = f"{self.upstream_host}:{self.upstream_port}"
             conn.request(method, path, body=body or None, headers=send)
             response = conn.getresponse()
-            return response.status, response.getheaders(), response.read()
+            payload = response.read()
+            with self._lock:
+                self.statuses[response.status] += 1
+            return response.status, response.getheaders(), payload
         finally:
             conn.close()

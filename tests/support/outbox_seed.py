@@ -173,7 +173,7 @@ def seed(
             tenant_id=tenant_id,
             patient_id=patient,
             vendor_id=vendor_pk,
-            app_user_id=f"u-{patient}",
+            app_user_id=f"u-{uuid.uuid4().hex[:12]}",
             status="active",
         )
         submission = Submission(vendor_id=vendor_pk, record_count=records, accepted_count=records)
@@ -183,7 +183,7 @@ def seed(
         item_rows: list[dict[str, Any]] = []
         for n in range(records):
             kind = kinds[n % len(kinds)]
-            record_key = f"{patient}-r{n}"
+            record_key = f"{patient}-{uuid.uuid4().hex[:8]}-r{n}"
             record_id = uuid.uuid4()
             group = (
                 phq9_group(vendor, record_key, patient, n % 28)

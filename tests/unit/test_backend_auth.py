@@ -165,7 +165,8 @@ def test_odd_expires_in_is_clamped(keyring: Keyring, expires_in: Any, renews_aft
 def test_twenty_threads_at_expiry_make_one_token_request(keyring: Keyring) -> None:
     def slow(_request: Any) -> tuple[int, dict[str, str], str]:
         time.sleep(0.2)
-        return 200, {"Content-Type": "application/json"}, '{"access_token":"t","token_type":"bearer","expires_in":300}'
+        body = '{"access_token":"t","token_type":"bearer","expires_in":300}'
+        return 200, {"Content-Type": "application/json"}, body
 
     responses.add_callback(responses.POST, TOKEN_URL, callback=slow)
     tokens = source(keyring)
@@ -226,7 +227,8 @@ def test_tenants_never_receive_each_others_assertions(keyring: Keyring) -> None:
     source(keyring).token()
     BackendTokenSource(client_id="b", scopes="s", token_url=other, keyring=keyring).token()
     audiences = {
-        call.request.url: decode(form_of(call)["client_assertion"][0], keyring)[1]["aud"] for call in responses.calls
+        call.request.url: decode(form_of(call)["client_assertion"][0], keyring)[1]["aud"]
+        for call in responses.calls
     }
     assert audiences == {TOKEN_URL: TOKEN_URL, other: other}
 

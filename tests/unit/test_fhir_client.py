@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import requests
 import responses
+from urllib3.exceptions import MaxRetryError, NewConnectionError
 
 from fhir_bridge.fhir_client import (
     FhirAuthError,
@@ -60,6 +61,11 @@ def sleeps() -> list[float]:
 @pytest.fixture
 def client(sleeps: list[float]) -> FhirClient:
     return FhirClient(BASE, auth=Tokens(), sleep=sleeps.append, max_attempts=4, max_inline_wait=30)
+
+
+def refused() -> requests.ConnectionError:
+    """What requests raises when nothing listens on the port (the request was never sent)."""
+    return requests.ConnectionError(MaxRetryError(None, BASE, NewConnectionError(None, "refused")))  # type: ignore[arg-type]
 
 
 def auth_of(call: Any) -> str:
@@ -198,15 +204,10 @@ def test_ambiguous_failures_of_plain_posts_are_not_repeated(client: FhirClient) 
 @responses.activate
 def test_503_and_connection_refused_are_retried_even_for_posts(client: FhirClient) -> None:
     responses.post(f"{BASE}/Observation", status=503)
+    responses.post(f"{BASE}/Observation", body=refused())
     responses.post(
-        f"{BASE}/Observation",
-        body=requests.ConnectionError(
-            requests.urllib3.exceptions.MaxRetryError(  # type: ignore[attr-defined]
-                None, BASE, requests.urllib3.exceptions.NewConnectionError(None, "refused")  # type: ignore[attr-defined]
-            )
-        ),
+        f"{BASE}/Observation", status=201, headers={"Location": f"{BASE}/Observation/1/_history/1"}
     )
-    responses.post(f"{BASE}/Observation", status=201, headers={"Location": f"{BASE}/Observation/1/_history/1"})
     assert client.create({"resourceType": "Observation"}).resource_id == "1"
     assert len(responses.calls) == 3
 
@@ -214,12 +215,7 @@ def test_503_and_connection_refused_are_retried_even_for_posts(client: FhirClien
 @responses.activate
 def test_a_refused_connection_is_marked_as_never_reaching_the_server(sleeps: list[float]) -> None:
     client = FhirClient(BASE, sleep=sleeps.append, max_attempts=2)
-    refused = requests.ConnectionError(
-        requests.urllib3.exceptions.MaxRetryError(  # type: ignore[attr-defined]
-            None, BASE, requests.urllib3.exceptions.NewConnectionError(None, "refused")  # type: ignore[attr-defined]
-        )
-    )
-    responses.get(f"{BASE}/metadata", body=refused)
+    responses.get(f"{BASE}/metadata", body=refused())
     with pytest.raises(FhirTemporaryError) as caught:
         client.request("GET", "metadata")
     assert caught.value.reached is False

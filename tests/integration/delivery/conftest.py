@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import func, select
 
 from auth.backend import BackendTokenSource
 from auth.keys import Keyring
@@ -17,7 +18,6 @@ from fhir_bridge.services import Services, build_services
 from fhir_bridge.settings import load_settings
 from fhir_bridge.storage import Database, migrate
 from fhir_bridge.storage.models import OutboxItem
-from sqlalchemy import func, select
 from tests.support.procs import missing
 from tests.support.sekmet import SekmetServer, sekmet_executable
 

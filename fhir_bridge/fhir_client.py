@@ -510,7 +510,7 @@ class FhirClient:
         return self.request("PUT", path, body=resource, headers={"Prefer": prefer} if prefer else None)
 
     def bundle(
-        self, bundle: Mapping[str, Any], *, idempotent: bool, prefer: str | None = "return=minimal"
+        self, bundle: Mapping[str, Any] | bytes, *, idempotent: bool, prefer: str | None = "return=minimal"
     ) -> dict[str, Any]:
         """POST a transaction or batch Bundle to the base; returns the response Bundle."""
         response = self.request(

@@ -21,9 +21,22 @@ from collections import defaultdict
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-from sqlalchemy import CursorResult, and_, delete, exists, func, insert, or_, select, update
+from sqlalchemy import (
+    CursorResult,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    null,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session, aliased
 
 from fhir_bridge.storage import Database
@@ -104,6 +117,25 @@ class Result:
     duration_ms: int = 0
 
 
+_OUTBOX = cast(Table, OutboxItem.__table__)
+_NULL = "__null"
+_ATTEMPTS = cast(Table, DeliveryAttempt.__table__)
+
+# Column order matches Item's fields.
+_ITEM_COLUMNS = (
+    OutboxItem.id,
+    OutboxItem.tenant_id,
+    OutboxItem.record_id,
+    OutboxItem.group_key,
+    OutboxItem.resource_type,
+    OutboxItem.ident_system,
+    OutboxItem.ident_value,
+    OutboxItem.body,
+    OutboxItem.attempts,
+    OutboxItem.priority,
+)
+
+
 def _rowcount(result: Any) -> int:
     assert isinstance(result, CursorResult)
     return int(result.rowcount)
@@ -156,22 +188,26 @@ def claim(
         if not heads:
             return result
         wanted = {(row.tenant_id, row.group_key) for row in heads}
+        # Every row of the wanted groups, by group_key alone: that keeps SQLite on the group_key
+        # index (with a status condition it prefers the claim index and scans the whole queue).
+        # Pending rows are the members; delivered ones are siblings already in the EHR.
         members_query = (
-            select(OutboxItem)
-            .where(
-                OutboxItem.status == "pending",
-                OutboxItem.group_key.in_(sorted({key for _, key in wanted})),
-                OutboxItem.tenant_id.in_(sorted({tenant for tenant, _ in wanted})),
-            )
+            select(*_ITEM_COLUMNS, OutboxItem.status, OutboxItem.ehr_id)
+            .where(OutboxItem.group_key.in_(sorted({key for _, key in wanted})))
             .order_by(OutboxItem.id)
         )
         if postgres:
             members_query = members_query.with_for_update()
-        groups: dict[tuple[str, str], list[OutboxItem]] = defaultdict(list)
-        for row in session.scalars(members_query):
-            if (row.tenant_id, row.group_key) in wanted:
+        groups: dict[tuple[str, str], list[Any]] = defaultdict(list)
+        delivered: list[Any] = []
+        for row in session.execute(members_query):
+            if (row.tenant_id, row.group_key) not in wanted:
+                continue
+            if row.status == "pending":
                 groups[(row.tenant_id, row.group_key)].append(row)
-        chosen: list[OutboxItem] = []
+            elif row.status == "delivered" and row.ehr_id is not None:
+                delivered.append(row)
+        chosen: list[Any] = []
         for head in heads:  # claim order; whole groups until the batch is full
             members = groups.get((head.tenant_id, head.group_key), [])
             if chosen and len(chosen) + len(members) > limit:
@@ -184,39 +220,11 @@ def claim(
             .where(OutboxItem.id.in_([row.id for row in chosen]))
             .values(lease_until=lease_until, leased_by=worker)
         )
-        result.items = [
-            Item(
-                id=row.id,
-                tenant_id=row.tenant_id,
-                record_id=row.record_id,
-                group_key=row.group_key,
-                resource_type=row.resource_type,
-                ident_system=row.ident_system,
-                ident_value=row.ident_value,
-                body=row.body,
-                attempts=row.attempts,
-                priority=row.priority,
-            )
-            for row in chosen
-        ]
-        siblings = session.execute(
-            select(
-                OutboxItem.tenant_id,
-                OutboxItem.group_key,
-                OutboxItem.resource_type,
-                OutboxItem.ident_system,
-                OutboxItem.ident_value,
-                OutboxItem.ehr_id,
-            ).where(
-                OutboxItem.status == "delivered",
-                OutboxItem.group_key.in_(sorted({row.group_key for row in chosen})),
-                OutboxItem.ehr_id.is_not(None),
-            )
-        ).all()
+        result.items = [Item(*row[: len(_ITEM_COLUMNS)]) for row in chosen]
         taken = {(row.tenant_id, row.group_key) for row in chosen}
         result.delivered = {
             (row.tenant_id, row.resource_type, row.ident_system, row.ident_value): row.ehr_id
-            for row in siblings
+            for row in delivered
             if (row.tenant_id, row.group_key) in taken
         }
         record_ids = sorted({item.record_id for item in result.items if item.record_id is not None})
@@ -304,6 +312,9 @@ def record(db: Database, worker: str, results: Sequence[Result], *, now: datetim
                     last_status=result.http_status,
                     outcome=result.outcome,
                 )
+            if "outcome" in change and change["outcome"] is None:
+                del change["outcome"]
+                change["outcome" + _NULL] = True
             updates.append(change)
             if result.fate != "release" or result.error:
                 attempts_rows.append(
@@ -316,14 +327,24 @@ def record(db: Database, worker: str, results: Sequence[Result], *, now: datetim
                         "duration_ms": result.duration_ms,
                     }
                 )
-        # Rows differ in the columns they change; one executemany per shape keeps the statements simple.
+        # Rows differ in the columns they change; one executemany per shape (Core: the ORM's bulk
+        # update machinery costs more than the database here).
         shapes: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
         for change in updates:
             shapes[tuple(sorted(change))].append(change)
-        for rows in shapes.values():
-            session.execute(update(OutboxItem), rows)
+        table = _OUTBOX
+        for columns, rows in shapes.items():
+            values: dict[str, Any] = {}
+            for column in columns:
+                if column.endswith(_NULL):
+                    values[column.removesuffix(_NULL)] = null()  # SQL NULL, not the JSON text 'null'
+                elif column != "id":
+                    values[column] = bindparam(f"_{column}")
+            statement = update(table).where(table.c.id == bindparam("_id")).values(values)
+            params = [{f"_{k}": v for k, v in row.items() if not k.endswith(_NULL)} for row in rows]
+            session.connection().execute(statement, params)
         if attempts_rows:
-            session.execute(insert(DeliveryAttempt), attempts_rows)
+            session.connection().execute(insert(_ATTEMPTS), attempts_rows)
         _settle_records(session, delivered_records, dead_records, now)
     return len(updates)
 
@@ -331,7 +352,8 @@ def record(db: Database, worker: str, results: Sequence[Result], *, now: datetim
 def _settle_records(session: Session, delivered: set[uuid.UUID], dead: set[uuid.UUID], now: datetime) -> None:
     if dead:
         session.execute(
-            update(Record).where(Record.id.in_(sorted(dead))).values(status="dead", updated_at=now)
+            update(Record).where(Record.id.in_(sorted(dead))).values(status="dead", updated_at=now),
+            execution_options={"synchronize_session": False},
         )
     candidates = sorted(delivered - dead)
     if candidates:
@@ -343,7 +365,8 @@ def _settle_records(session: Session, delivered: set[uuid.UUID], dead: set[uuid.
         session.execute(
             update(Record)
             .where(Record.id.in_(candidates), Record.status != "dead", ~unfinished)
-            .values(status="delivered", updated_at=now)
+            .values(status="delivered", updated_at=now),
+            execution_options={"synchronize_session": False},
         )
 
 

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 from urllib.parse import quote
@@ -85,19 +86,50 @@ class Group:
     device: AppDevice | None = None
 
 
-@dataclass
 class Entry:
-    """One resource to write, with how to write it."""
+    """One resource to write, with how to write it.
 
-    resource_type: str
-    full_url: str
-    resource: dict[str, Any]
-    method: Literal["POST", "PUT"]
-    url: str
-    if_none_exist: str | None
-    item: Item | None = None
-    group: Group | None = None
-    depends_on: set[str] = field(default_factory=set)
+    The resource stays the bytes the outbox holds until something needs to look inside (an id to
+    set, a reference to rewrite): most entries go into the Bundle without being parsed at all.
+    """
+
+    def __init__(
+        self,
+        resource_type: str,
+        full_url: str,
+        resource: dict[str, Any] | bytes,
+        method: Literal["POST", "PUT"],
+        url: str,
+        if_none_exist: str | None,
+        *,
+        item: Item | None = None,
+        group: Group | None = None,
+    ) -> None:
+        self.resource_type = resource_type
+        self.full_url = full_url
+        self._raw = resource if isinstance(resource, bytes) else None
+        self._parsed = resource if isinstance(resource, dict) else None
+        self.method = method
+        self.url = url
+        self.if_none_exist = if_none_exist
+        self.item = item
+        self.group = group
+        self.depends_on: set[str] = set()
+
+    @property
+    def resource(self) -> dict[str, Any]:
+        """The resource as a dict (parsed on first use; from then on the dict is what is sent)."""
+        if self._parsed is None:
+            assert self._raw is not None
+            self._parsed = orjson.loads(self._raw)
+            self._raw = None
+        return self._parsed
+
+    def mentions(self, urns: Mapping[str, str]) -> bool:
+        """Whether any of ``urns`` may occur in the resource (a cheap test before parsing)."""
+        if self._raw is None:
+            return True
+        return any(match.decode() in urns for match in _URN.findall(self._raw))
 
     @property
     def device_url(self) -> str | None:
@@ -106,11 +138,29 @@ class Entry:
             return None
         return self.group.device.full_url
 
-    def bundle_entry(self) -> dict[str, Any]:
+    def _request(self) -> dict[str, Any]:
         request: dict[str, Any] = {"method": self.method, "url": self.url}
         if self.if_none_exist:
             request["ifNoneExist"] = self.if_none_exist
-        return {"fullUrl": self.full_url, "resource": self.resource, "request": request}
+        return request
+
+    def bundle_entry(self) -> dict[str, Any]:
+        return {"fullUrl": self.full_url, "resource": self.resource, "request": self._request()}
+
+    def bundle_entry_json(self) -> bytes:
+        body = self._raw if self._raw is not None else orjson.dumps(self._parsed)
+        return (
+            b'{"fullUrl":'
+            + orjson.dumps(self.full_url)
+            + b',"resource":'
+            + body
+            + b',"request":'
+            + orjson.dumps(self._request())
+            + b"}"
+        )
+
+
+_URN = re.compile(rb"urn:uuid:[0-9a-fA-F-]{36}")
 
 
 class Writer(Protocol):
@@ -150,14 +200,12 @@ def _now_instant() -> str:
 
 
 class Plan:
-    """The entries for a list of groups under one tenant's quirks, in dependency-free form."""
+    """The entries for a list of groups under one tenant's quirks."""
 
     def __init__(
         self, groups: Sequence[Group], put_types: frozenset[str], known: Mapping[str, str] | None = None
     ) -> None:
         self.put_types = put_types
-        # urn:uuid: of resources already in the EHR (delivered earlier) -> their Type/id there.
-        self.known = dict(known or {})
         self.groups = list(groups)
         self.devices: dict[str, AppDevice] = {}
         self.items: list[Entry] = []
@@ -165,7 +213,8 @@ class Plan:
             if group.device is not None:
                 self.devices.setdefault(group.device.full_url, group.device)
         self.device_entries = [self._device_entry(device) for device in self.devices.values()]
-        # Where a urn:uuid: will live when we choose the id (PUT) rather than the EHR.
+        # urn:uuid: -> Type/id where we know the id before writing: resources written with PUT, and
+        # resources of the same records delivered earlier (``known``, a retried dead letter's siblings).
         self.fixed_refs: dict[str, str] = {
             e.full_url: e.url for e in self.device_entries if e.method == "PUT"
         }
@@ -175,20 +224,25 @@ class Plan:
                 self.items.append(entry)
                 if entry.method == "PUT":
                     self.fixed_refs[entry.full_url] = entry.url
+        self.fixed_refs.update(known or {})
+        if self.fixed_refs:
+            for entry in self.items:
+                if entry.mentions(self.fixed_refs):
+                    _rewrite(entry.resource, self.fixed_refs)
+
+    def link_dependencies(self) -> None:
+        """Fill each item's ``depends_on``: the urn:uuid: entries it references (for writing in rounds)."""
         defined = {e.full_url for e in self.items} | set(self.devices)
         for entry in self.items:
-            if self.known:
-                _rewrite(entry.resource, self.known)
             entry.depends_on = {
                 ref["reference"]
                 for ref in walk_references(entry.resource)
                 if ref["reference"].startswith("urn:uuid:")
             }
             entry.depends_on.discard(entry.full_url)
-            unknown = entry.depends_on - defined
-            if unknown:
+            if entry.depends_on - defined:
                 # A contract breach upstream: a urn:uuid: that nothing in the request defines.
-                entry.depends_on = entry.depends_on | {"!unresolvable"}
+                entry.depends_on.add("!unresolvable")
 
     def _device_entry(self, device: AppDevice) -> Entry:
         resource = dict(device.resource)
@@ -205,9 +259,9 @@ class Plan:
         )
 
     def _item_entry(self, item: Item, group: Group) -> Entry:
-        resource = orjson.loads(item.body)
         url_full = full_url(item.ident_system, item.ident_value)
         if item.resource_type in self.put_types:
+            resource = orjson.loads(item.body)
             resource["id"] = item.ident_value
             return Entry(
                 item.resource_type,
@@ -219,17 +273,19 @@ class Plan:
                 item=item,
                 group=group,
             )
-        resource.pop("id", None)
-        return Entry(
+        entry = Entry(
             item.resource_type,
             url_full,
-            resource,
+            item.body,
             "POST",
             item.resource_type,
             identifier_query(item.ident_system, item.ident_value),
             item=item,
             group=group,
         )
+        if b'"id"' in item.body:
+            entry.resource.pop("id", None)  # the EHR assigns ids to what it creates
+        return entry
 
     def provenance(self, device: AppDevice, targets: Sequence[str], key_items: Sequence[Item]) -> Entry:
         """One Provenance naming the app Device as author of ``targets``; idempotent per batch content."""
@@ -372,11 +428,11 @@ class TransactionWriter:
             return
         plan = Plan(groups, self.put_types, self.known)
         entries = self._entries(plan)
-        bundle = {
-            "resourceType": "Bundle",
-            "type": "transaction",
-            "entry": [e.bundle_entry() for e in entries],
-        }
+        bundle = (
+            b'{"resourceType":"Bundle","type":"transaction","entry":['
+            + b",".join(e.bundle_entry_json() for e in entries)
+            + b"]}"
+        )
         self.requests += 1
         try:
             response = self.client.bundle(bundle, idempotent=False)
@@ -413,11 +469,7 @@ class TransactionWriter:
             results[entry.item.id] = written
 
     def _entries(self, plan: Plan) -> list[Entry]:
-        entries = list(plan.device_entries)
-        for entry in plan.items:
-            if plan.fixed_refs:
-                _rewrite(entry.resource, plan.fixed_refs)
-            entries.append(entry)
+        entries = list(plan.device_entries) + plan.items
         for device in plan.devices.values():
             mine = [e for e in plan.items if e.device_url == device.full_url]
             if mine:
@@ -471,6 +523,7 @@ class RoundsWriter:
 
     def write(self, groups: Sequence[Group]) -> dict[int, Written]:
         plan = Plan(groups, self.put_types, self.known)
+        plan.link_dependencies()
         resolved: dict[str, str] = {}
         failed: dict[str, Written] = {}
         results: dict[int, Written] = {}

@@ -3,17 +3,21 @@ references resolved, the app Device and a Provenance, each resource exactly once
 
 from __future__ import annotations
 
+import re
+import time
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
+from fhir_bridge import create_app
 from fhir_bridge.delivery import Worker
 from fhir_bridge.delivery.identity import DEVICE_SYSTEM, device_resource
 from fhir_bridge.fhir_client import FhirClient
 from fhir_bridge.storage.models import OutboxItem, Record
-from tests.integration.delivery.conftest import CLIENT_ID, ServicesFactory, drain
+from tests.integration.delivery.conftest import CLIENT_ID, ServicesFactory, drain, pending
 from tests.support.outbox_seed import IDENT_SYSTEM, add_tenant, in_ehr, seed
 from tests.support.sekmet import SekmetServer
 
@@ -79,21 +83,67 @@ def test_records_arrive_once_with_references_device_and_provenance(
 
 
 def test_running_again_writes_nothing_twice(
-    smart_ehr: SekmetServer, ehr_reader: FhirClient, make_services: ServicesFactory, sqlite_url: str
+    smart_ehr: SekmetServer, ehr_reader: FhirClient, make_services: ServicesFactory, database_url: str
 ) -> None:
     """Re-queueing delivered resources (a replay) finds them already in the EHR: still one copy each."""
-    services = make_services(sqlite_url)
-    add_tenant(services.db, "t-replay", smart_ehr.base_url, client_id=CLIENT_ID, quirks=QR_PUT)
+    services = make_services(database_url)
+    tenant = f"t-replay-{services.db.dialect}"
+    add_tenant(services.db, tenant, smart_ehr.base_url, client_id=CLIENT_ID, quirks=QR_PUT)
     patient = f"p{uuid.uuid4().hex[:12]}"
-    seeded = seed(services.db, "t-replay", patient=patient, records=6)
+    seeded = seed(services.db, tenant, patient=patient, records=6)
     worker = Worker(services)
-    drain(worker, "t-replay")
+    drain(worker, tenant)
     with services.db.transaction() as session:
         first = {i.id: i.ehr_id for i in session.scalars(select(OutboxItem))}
         for item in session.scalars(select(OutboxItem)):
             item.status = "pending"
-    drain(worker, "t-replay")
+    drain(worker, tenant)
     with services.db.sessions() as session:
         second = {i.id: i.ehr_id for i in session.scalars(select(OutboxItem))}
     assert second == first
     assert in_ehr(ehr_reader, patient) == Counter(seeded.items)
+
+
+def test_the_embedded_worker_delivers_and_metrics_say_so(
+    smart_ehr: SekmetServer,
+    ehr_reader: FhirClient,
+    make_services: ServicesFactory,
+    sqlite_url: str,
+    session_keys: Path,
+    tmp_path: Path,
+) -> None:
+    services = make_services(sqlite_url)
+    add_tenant(services.db, "t-embedded", smart_ehr.base_url, client_id=CLIENT_ID, quirks=QR_PUT)
+    patient = f"p{uuid.uuid4().hex[:12]}"
+    seeded = seed(services.db, "t-embedded", patient=patient, records=8)
+    app = create_app(
+        {
+            "TESTING": True,
+            "INSTANCE_PATH": str(tmp_path / "web"),
+            "KEYS_DIR": str(session_keys),
+            "DATABASE_URL": sqlite_url,
+            "ALLOW_INSECURE_LOOPBACK": True,
+            "WORKER_EMBEDDED": True,
+            "WORKER_POLL_SECONDS": 0.05,
+        }
+    )
+    background = app.extensions["fhir_bridge.worker"]
+    try:
+        deadline = time.monotonic() + 60
+        while pending(services.db, "t-embedded"):
+            assert time.monotonic() < deadline, "the embedded worker did not deliver"
+            time.sleep(0.1)
+    finally:
+        background.shutdown()
+    assert not background.thread.is_alive(), "it stops when the service stops"
+    assert in_ehr(ehr_reader, patient) == Counter(seeded.items)
+
+    metrics = app.test_client().get("/metrics").get_data(as_text=True)
+    delivered = re.search(r'^fhir_bridge_delivered_total\{tenant="t-embedded"\} (\S+)$', metrics, re.M)
+    assert delivered is not None and float(delivered.group(1)) == len(seeded.items)
+    assert re.search(r'^fhir_bridge_ehr_request_seconds_count\{tenant="t-embedded"\} [1-9]', metrics, re.M)
+    assert re.search(
+        rf'^fhir_bridge_outbox_items\{{status="delivered",tenant="t-embedded"\}} {len(seeded.items)}\.0$',
+        metrics,
+        re.M,
+    )

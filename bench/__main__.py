@@ -1,21 +1,28 @@
-"""`python -m bench NAME [args]` runs bench/bench_NAME.py's main(args); `python -m bench` lists them."""
+"""``python -m bench NAME [options]``: run one benchmark (``python -m bench`` lists them)."""
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
 import sys
-from pathlib import Path
+
+BENCHMARKS = {
+    "mapping": ("bench.bench_mapping", "map 10,000 native records to FHIR on one core (TARGETS.md row 1)"),
+    "delivery": (
+        "bench.bench_delivery",
+        "outbox -> sekmet resources/s next to prebuilt Bundles (TARGETS.md row 3)",
+    ),
+}
 
 
-def main() -> None:
-    found = pkgutil.iter_modules([str(Path(__file__).parent)])
-    names = sorted(m.name.removeprefix("bench_") for m in found if m.name.startswith("bench_"))
-    if len(sys.argv) < 2 or sys.argv[1] not in names:
-        print("usage: python -m bench {" + "|".join(names) + "} [options]")
-        sys.exit(2)
-    module = importlib.import_module(f"bench.bench_{sys.argv[1]}")
-    module.main(sys.argv[2:])
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in BENCHMARKS:
+        print("usage: python -m bench NAME [options]\n\nbenchmarks:")
+        for name, (_, doc) in BENCHMARKS.items():
+            print(f"  {name:10} {doc}")
+        return 0 if not argv or argv[0] in {"-h", "--help"} else 2
+    module = importlib.import_module(BENCHMARKS[argv[0]][0])
+    return int(module.main(argv[1:]) or 0)
 
 
-main()
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -24,13 +24,13 @@ import orjson
 import requests
 
 from fhir_bridge.delivery import Worker, outbox
-from fhir_bridge.delivery.identity import device_resource
 from fhir_bridge.delivery.writers import Group, Plan, TransactionWriter
 from fhir_bridge.fhir_client import FhirClient
 from fhir_bridge.services import build_services
 from fhir_bridge.settings import load_settings
 from fhir_bridge.storage import migrate
 from fhir_bridge.storage.models import OutboxItem
+from mappings.identity import device_resource
 from tests.support.outbox_seed import add_tenant, seed
 from tests.support.postgres import PostgresServer, find_bin_dir
 from tests.support.sekmet import SekmetServer

@@ -14,6 +14,8 @@ from fhir_bridge.settings import load_settings
 
 def create_app(config: Mapping[str, Any] | None = None, *, svc: services.Services | None = None) -> Flask:
     """Build the service. ``config`` overrides settings (tests pass a dict); ``svc`` injects services."""
+    from fhir_bridge.catalog import catalog_for
+
     settings = svc.settings if svc is not None else load_settings(config)
     logs.configure_logging(settings.log_level, settings.log_format)
     svc = svc or services.build_services(settings)
@@ -26,6 +28,7 @@ def create_app(config: Mapping[str, Any] | None = None, *, svc: services.Service
         JSON_SORT_KEYS=False,
     )
     services.install(app.extensions, svc)
+    catalog_for(settings)  # every mapping spec is checked now: a bad one stops start-up with file and line
 
     logs.init_app(app)
     errors.init_app(app)

@@ -662,5 +662,87 @@ def config_show(ctx: Context) -> None:
         click.echo(f"FHIR_BRIDGE_{spec.name}={'' if shown is None else shown}")
 
 
+# -- map --------------------------------------------------------------------------------------
+
+
+@cli.command("map")
+@click.argument("measure", required=False)
+@click.argument("file", type=click.File("rb"), required=False)
+@click.option("--list", "list_measures", is_flag=True, help="List the measures of the catalogue and exit.")
+@click.option(
+    "--vendor", default="example-app", show_default=True, help="Vendor client id (part of identifiers)."
+)
+@click.option("--vendor-name", help="Name of the app in its Device resource (default: the vendor id).")
+@click.option(
+    "--record-id",
+    help="The vendor's record id (default: the file's `record_id` for a native record, else example-record).",
+)
+@click.option("--patient", default="Patient/example", show_default=True, help="Reference of the EHR patient.")
+@pass_ctx
+def map_record(
+    ctx: Context,
+    measure: str | None,
+    file: Any,
+    list_measures: bool,
+    vendor: str,
+    vendor_name: str | None,
+    record_id: str | None,
+    patient: str,
+) -> None:
+    """Print the FHIR transaction Bundle a record becomes, or why it is rejected (exit status 1).
+
+    FILE is a JSON file (or - for standard input) holding the record's `data` object, or a whole native
+    record ({"record_id": ..., "measure": ..., "data": {...}}). Nothing is sent anywhere.
+    """
+    from datetime import UTC, datetime
+
+    from fhir_bridge.catalog import catalog_for
+    from mappings import MappingContext, MappingSpecError, transaction_bundle
+    from mappings.identity import device_full_url, device_resource
+
+    try:
+        catalog = catalog_for(ctx.settings)
+    except MappingSpecError as exc:
+        raise click.ClickException(str(exc)) from None
+    if list_measures:
+        for name in catalog.measures():
+            spec = catalog.spec(name)
+            click.echo(f"{name:20} {spec.kind:14} {spec.title}")
+        return
+    if measure is None or file is None:
+        raise click.UsageError("give MEASURE and FILE (or --list)")
+    if measure not in catalog:
+        raise click.BadParameter(
+            f"unknown measure; known: {', '.join(catalog.measures())}", param_hint="MEASURE"
+        )
+    try:
+        data = json.loads(file.read())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise click.ClickException(f"{file.name} is not valid JSON: {exc}") from None
+    if isinstance(data, dict) and "data" in data and {"record_id", "measure"} & set(data):
+        if data.get("measure", measure) != measure:
+            raise click.ClickException(
+                f"{file.name} is a record of measure {data['measure']!r}, not {measure!r}"
+            )
+        if record_id is None and isinstance(data.get("record_id"), str):
+            record_id = data["record_id"]
+        data = data["data"]
+    context = MappingContext(
+        vendor_id=vendor,
+        record_id=record_id or "example-record",
+        patient_reference=patient,
+        device_full_url=device_full_url(vendor),
+        received_at=datetime.now(UTC),
+    )
+    result = catalog.map(measure, data, context)
+    if not result.ok:
+        rejections = [{"code": r.code, "field": r.field, "message": r.message} for r in result.rejections]
+        click.echo(json.dumps({"rejections": rejections}, indent=2, ensure_ascii=False))
+        click.echo(f"record rejected ({len(rejections)} reason(s))", err=True)
+        sys.exit(1)
+    bundle = transaction_bundle([device_resource(vendor, vendor_name or vendor), *result.resources])
+    click.echo(json.dumps(bundle, indent=2, ensure_ascii=False))
+
+
 def main(argv: list[str] | None = None) -> None:
     cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="fhir-bridge")

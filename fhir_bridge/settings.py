@@ -287,6 +287,20 @@ SPECS: tuple[Spec, ...] = (
         _float_between(1.0, 600.0),
         "Timeout of each HTTP request to an EHR.",
     ),
+    Spec(
+        "ITEM_TEXT_FILE",
+        "",
+        _optional_path,
+        "YAML file of licensed questionnaire item text (e.g. D-WAI, shipped with neutral labels); "
+        "see mappings/README.md. Empty: the shipped labels.",
+    ),
+    Spec(
+        "FUTURE_TOLERANCE_SECONDS",
+        300,
+        _int_between(0, 86400),
+        "How far past the moment a record arrives its timestamps may lie (phone clocks drift); "
+        "later ones are rejected as in the future.",
+    ),
     Spec("METRICS_ENABLED", True, _to_bool, "Serve Prometheus metrics at `/metrics`."),
     Spec("HOST", "127.0.0.1", _text, "Address `fhir-bridge serve` binds."),
     Spec("PORT", 8080, _int_between(1, 65535), "Port `fhir-bridge serve` binds."),
@@ -327,6 +341,8 @@ class Settings:
     worker_retry_max_seconds: float
     worker_threads: int
     http_timeout_seconds: float
+    item_text_file: Path | None
+    future_tolerance_seconds: int
     metrics_enabled: bool
     host: str
     port: int

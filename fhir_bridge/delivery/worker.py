@@ -31,13 +31,13 @@ from datetime import datetime, timedelta
 from sqlalchemy.exc import SQLAlchemyError
 
 from fhir_bridge.delivery import outbox
-from fhir_bridge.delivery.identity import device_resource, full_url
 from fhir_bridge.delivery.outbox import Claim, Item, Result
 from fhir_bridge.delivery.tenants import TenantDirectory, TenantRuntime
 from fhir_bridge.delivery.writers import Group, Written, make_outcome, make_writer
 from fhir_bridge.ops import metrics
 from fhir_bridge.services import Services
 from fhir_bridge.storage.models import utcnow
+from mappings.identity import device_resource, full_url
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,6 @@ from urllib.parse import quote
 
 import orjson
 
-from fhir_bridge.delivery.identity import CANONICAL, AppDevice, full_url
 from fhir_bridge.delivery.outbox import Item
 from fhir_bridge.fhir_client import (
     FhirAuthError,
@@ -46,6 +45,8 @@ from fhir_bridge.fhir_client import (
     parse_etag,
     parse_location,
 )
+from mappings import MappedResource
+from mappings.identity import CANONICAL, full_url
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class Group:
 
     key: str
     items: list[Item]
-    device: AppDevice | None = None
+    device: MappedResource | None = None
 
 
 class Entry:
@@ -207,7 +208,7 @@ class Plan:
     ) -> None:
         self.put_types = put_types
         self.groups = list(groups)
-        self.devices: dict[str, AppDevice] = {}
+        self.devices: dict[str, MappedResource] = {}
         self.items: list[Entry] = []
         for group in self.groups:
             if group.device is not None:
@@ -244,18 +245,20 @@ class Plan:
                 # A contract breach upstream: a urn:uuid: that nothing in the request defines.
                 entry.depends_on.add("!unresolvable")
 
-    def _device_entry(self, device: AppDevice) -> Entry:
+    def _device_entry(self, device: MappedResource) -> Entry:
         resource = dict(device.resource)
         if "Device" in self.put_types:
-            resource["id"] = device.ident_value
-            return Entry("Device", device.full_url, resource, "PUT", f"Device/{device.ident_value}", None)
+            resource["id"] = device.identifier_value
+            return Entry(
+                "Device", device.full_url, resource, "PUT", f"Device/{device.identifier_value}", None
+            )
         return Entry(
             "Device",
             device.full_url,
             resource,
             "POST",
             "Device",
-            identifier_query(device.ident_system, device.ident_value),
+            identifier_query(device.identifier_system, device.identifier_value),
         )
 
     def _item_entry(self, item: Item, group: Group) -> Entry:
@@ -287,7 +290,7 @@ class Plan:
             entry.resource.pop("id", None)  # the EHR assigns ids to what it creates
         return entry
 
-    def provenance(self, device: AppDevice, targets: Sequence[str], key_items: Sequence[Item]) -> Entry:
+    def provenance(self, device: MappedResource, targets: Sequence[str], key_items: Sequence[Item]) -> Entry:
         """One Provenance naming the app Device as author of ``targets``; idempotent per batch content."""
         digest = hashlib.sha256(
             "\n".join(sorted(f"{i.ident_system}|{i.ident_value}" for i in key_items)).encode()

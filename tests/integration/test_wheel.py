@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -63,3 +65,28 @@ def test_migrations_ship_in_the_wheel(installed: Path, tmp_path: Path) -> None:
     assert (tmp_path / "instance" / "fhir-bridge.db").exists()
     # The package must come from the venv, not from this checkout.
     assert not (tmp_path / "fhir_bridge").exists()
+
+
+def test_a_mapping_runs_from_the_installed_wheel(installed: Path, tmp_path: Path) -> None:
+    """Specs, examples and the FHIR models ship in the wheel: `fhir-bridge map` works from it alone."""
+    example = ROOT / "mappings" / "examples" / "phq9" / "item9-positive"
+    shutil.copy(example.with_name(example.name + ".input.json"), tmp_path / "record.json")
+    listed = _run(installed, "map", "--list", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert "phq9" in listed.stdout and "app-engagement" in listed.stdout
+    result = _run(installed, "map", "phq9", "record.json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    expected = json.loads(example.with_name(example.name + ".expected.json").read_text())
+    assert json.loads(result.stdout) == expected
+    # The catalogue loaded is the installed one, with its golden examples beside it.
+    where = subprocess.run(
+        [str(installed / "bin" / "python"), "-c", "import mappings.catalog as c; print(c.DEFAULT_FOLDER)"],
+        cwd=tmp_path,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    folder = Path(where)
+    assert str(installed) in where and (folder / "phq9.yaml").exists()
+    assert (folder.parent / "examples" / "phq9" / "moderate.expected.json").exists()

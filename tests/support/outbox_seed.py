@@ -8,17 +8,17 @@ identifier per resource (at most 64 characters of ``[a-z0-9]``, so it doubles as
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import uuid
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from sqlalchemy import insert, select
 
-from fhir_bridge.delivery.identity import device_full_url, full_url
 from fhir_bridge.fhir_client import FhirClient
 from fhir_bridge.storage import Database
 from fhir_bridge.storage.models import (
@@ -29,13 +29,15 @@ from fhir_bridge.storage.models import (
     Tenant,
     VendorClient,
 )
+from mappings import Catalog, MappedResource, MappingContext, load_catalog
+from mappings.identity import RECORD_IDENTIFIER_SYSTEM, device_full_url, full_url, identifier_value
 
-IDENT_SYSTEM = "https://fhir-bridge.org/fhir/sid/resource"
+IDENT_SYSTEM = RECORD_IDENTIFIER_SYSTEM
 LOINC = "http://loinc.org"
 
 
-def ident(*parts: str) -> str:
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:40]
+def ident(vendor: str, record: str, measure: str, role: str = "main") -> str:
+    return identifier_value(vendor, record, measure, role)
 
 
 def add_tenant(
@@ -114,7 +116,7 @@ def phq9_group(vendor: str, record: str, patient: str, score: int) -> list[tuple
 
 def steps_group(vendor: str, record: str, patient: str, steps: int) -> list[tuple[str, str, dict[str, Any]]]:
     """A single-resource record (a daily step count), referencing the app Device."""
-    value = ident(vendor, record, "steps")
+    value = ident(vendor, record, "steps-daily")
     obs = {
         "resourceType": "Observation",
         "identifier": [{"system": IDENT_SYSTEM, "value": value}],
@@ -251,3 +253,69 @@ def in_ehr(client: FhirClient, patient: str) -> Counter[tuple[str, str]]:
 def outbox_states(db: Database, tenant_id: str) -> Counter[str]:
     with db.sessions() as session:
         return Counter(session.scalars(select(OutboxItem.status).where(OutboxItem.tenant_id == tenant_id)))
+
+
+@functools.cache
+def _catalog() -> Catalog:
+    return load_catalog()
+
+
+def seed_mapped(
+    db: Database,
+    tenant_id: str,
+    *,
+    patient: str,
+    records: list[tuple[str, dict[str, Any]]],
+    vendor: str = "acme-mood",
+) -> list[MappedResource]:
+    """Queue records mapped by the real catalogue (what the vendor API will do): (measure, data) each."""
+    vendor_pk = add_vendor(db, vendor)
+    mapped: list[MappedResource] = []
+    with db.transaction() as session:
+        enrollment = Enrollment(
+            tenant_id=tenant_id,
+            patient_id=patient,
+            vendor_id=vendor_pk,
+            app_user_id=f"u-{uuid.uuid4().hex[:12]}",
+            status="active",
+        )
+        submission = Submission(vendor_id=vendor_pk, record_count=len(records), accepted_count=len(records))
+        session.add_all([enrollment, submission])
+        session.flush()
+        for n, (measure, data) in enumerate(records):
+            record_key = f"{patient}-{measure}-{n}"
+            result = _catalog().map(
+                measure,
+                data,
+                MappingContext(
+                    vendor_id=vendor,
+                    record_id=record_key,
+                    patient_reference=f"Patient/{patient}",
+                    device_full_url=device_full_url(vendor),
+                    received_at=datetime.now(UTC),
+                ),
+            )
+            assert result.ok, result.rejections
+            record = Record(
+                submission_id=submission.id,
+                vendor_id=vendor_pk,
+                vendor_record_id=record_key,
+                measure=measure,
+                enrollment_id=enrollment.id,
+            )
+            session.add(record)
+            session.flush()
+            for resource in result.resources:
+                session.add(
+                    OutboxItem(
+                        tenant_id=tenant_id,
+                        record_id=record.id,
+                        group_key=str(record.id),
+                        resource_type=resource.resource_type,
+                        ident_system=resource.identifier_system,
+                        ident_value=resource.identifier_value,
+                        body=orjson.dumps(resource.resource),
+                    )
+                )
+                mapped.append(resource)
+    return mapped

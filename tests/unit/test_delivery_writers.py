@@ -6,9 +6,9 @@ import uuid
 
 import orjson
 
-from fhir_bridge.delivery.identity import device_resource, full_url
 from fhir_bridge.delivery.outbox import Item
 from fhir_bridge.delivery.writers import Group, Plan, _culprit_index, identifier_query
+from mappings.identity import device_resource, full_url
 
 SYSTEM = "https://fhir-bridge.org/fhir/sid/resource"
 

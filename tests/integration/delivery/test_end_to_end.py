@@ -9,16 +9,18 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+import orjson
 import pytest
 from sqlalchemy import select
 
 from fhir_bridge import create_app
 from fhir_bridge.delivery import Worker
-from fhir_bridge.delivery.identity import DEVICE_SYSTEM, device_resource
+from fhir_bridge.delivery.writers import walk_references
 from fhir_bridge.fhir_client import FhirClient
 from fhir_bridge.storage.models import OutboxItem, Record
+from mappings.identity import DEVICE_IDENTIFIER_SYSTEM, device_resource, full_url
 from tests.integration.delivery.conftest import CLIENT_ID, ServicesFactory, drain, pending
-from tests.support.outbox_seed import IDENT_SYSTEM, add_tenant, in_ehr, seed
+from tests.support.outbox_seed import IDENT_SYSTEM, add_tenant, in_ehr, seed, seed_mapped
 from tests.support.sekmet import SekmetServer
 
 pytestmark = [pytest.mark.ehr]
@@ -52,7 +54,9 @@ def test_records_arrive_once_with_references_device_and_provenance(
 
     # What the EHR holds is what was queued, with every urn:uuid: reference resolved to its resource.
     device = device_resource("acme-mood", "Acme Mood")
-    devices = ehr_reader.search("Device", [("identifier", f"{DEVICE_SYSTEM}|{device.ident_value}")])
+    devices = ehr_reader.search(
+        "Device", [("identifier", f"{DEVICE_IDENTIFIER_SYSTEM}|{device.identifier_value}")]
+    )
     assert len(devices.resources) == 1, "the app Device is created once, however many batches"
     device_ref = f"Device/{devices.resources[0]['id']}"
     observations = ehr_reader.search("Observation", [("subject", f"Patient/{patient}"), ("_count", "100")])
@@ -147,3 +151,43 @@ def test_the_embedded_worker_delivers_and_metrics_say_so(
         metrics,
         re.M,
     )
+
+
+def test_records_mapped_by_the_catalogue_arrive_as_mapped(
+    smart_ehr: SekmetServer, ehr_reader: FhirClient, make_services: ServicesFactory, sqlite_url: str
+) -> None:
+    """The real mapping output (PHQ-9: QuestionnaireResponse, total and item 9; steps) is what the EHR
+    holds afterwards: same codes, values, subject and identifier, references resolved to EHR ids."""
+    services = make_services(sqlite_url)
+    add_tenant(services.db, "t-mapped", smart_ehr.base_url, client_id=CLIENT_ID, quirks=QR_PUT)
+    patient = f"p{uuid.uuid4().hex[:12]}"
+    examples = Path(__file__).parents[3] / "mappings" / "examples"
+    phq9 = orjson.loads((examples / "phq9" / "moderate.input.json").read_bytes())
+    steps = orjson.loads((examples / "steps-daily" / "day.input.json").read_bytes())
+    mapped = seed_mapped(
+        services.db, "t-mapped", patient=patient, records=[("phq9", phq9), ("steps-daily", steps)] * 3
+    )
+    assert {m.resource_type for m in mapped} == {"QuestionnaireResponse", "Observation"}
+    drain(Worker(services), "t-mapped")
+
+    with services.db.sessions() as session:
+        ehr_id = {
+            full_url(i.ident_system, i.ident_value): f"{i.resource_type}/{i.ehr_id}"
+            for i in session.scalars(select(OutboxItem).where(OutboxItem.tenant_id == "t-mapped"))
+        }
+    device = device_resource("acme-mood", "acme-mood")
+    devices = ehr_reader.search(
+        "Device", [("identifier", f"{DEVICE_IDENTIFIER_SYSTEM}|{device.identifier_value}")]
+    )
+    ehr_id[device.full_url] = f"Device/{devices.resources[0]['id']}"
+    for resource in mapped:
+        stored = ehr_reader.read_reference(ehr_id[resource.full_url])
+        expected = orjson.loads(orjson.dumps(resource.resource))
+        for ref in walk_references(expected):
+            ref["reference"] = ehr_id.get(ref["reference"], ref["reference"])
+        got = {k: v for k, v in stored.items() if k not in {"id", "meta"}}
+        assert got == {k: v for k, v in expected.items() if k not in {"id", "meta"}}, resource.resource_type
+        assert stored["meta"].get("tag") == expected.get("meta", {}).get("tag"), (
+            "tags kept (patient-supplied)"
+        )
+    assert in_ehr(ehr_reader, patient) == Counter((m.resource_type, m.identifier_value) for m in mapped)

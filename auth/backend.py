@@ -31,7 +31,7 @@ import requests
 from joserfc import jwt
 
 from auth.http import parse_retry_after, read_capped
-from auth.keys import Keyring
+from auth.keys import KeyEntry, Keyring
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +108,23 @@ def client_assertion(
     lifetime: int = ASSERTION_LIFETIME,
 ) -> str:
     """A one-time ``private_key_jwt`` assertion for ``token_url``, signed with the current key."""
+    return sign_assertion(
+        keyring.signing_key(), client_id=client_id, token_url=token_url, now=now, lifetime=lifetime
+    )
+
+
+def sign_assertion(
+    entry: KeyEntry,
+    *,
+    client_id: str,
+    token_url: str,
+    now: float | None = None,
+    lifetime: int = ASSERTION_LIFETIME,
+) -> str:
+    """The assertion signed with ``entry`` (a rotation may change the current key between calls)."""
     if not 0 < lifetime <= 300:
         raise ValueError("SMART Backend Services assertions may live at most 300 seconds")
     issued = int(time.time() if now is None else now)
-    entry = keyring.signing_key()
     header = {"alg": entry.alg, "kid": entry.kid, "typ": "JWT"}
     claims = {
         "iss": client_id,
@@ -245,11 +258,13 @@ class BackendTokenSource:
 
     def _request(self, token_url: str) -> AccessToken:
         # A new assertion (new jti) on every try, retries included: the server may have seen the last one.
+        # The key is looked up each time too, so a rotation takes effect without a restart.
+        signer = self.keyring.signing_key()
         form = {
             "grant_type": "client_credentials",
             "scope": self.scopes,
             "client_assertion_type": ASSERTION_TYPE,
-            "client_assertion": client_assertion(self.keyring, client_id=self.client_id, token_url=token_url),
+            "client_assertion": sign_assertion(signer, client_id=self.client_id, token_url=token_url),
         }
         started = self.clock()
         try:
@@ -312,6 +327,7 @@ class BackendTokenSource:
         margin = min(30.0, lifetime / 4)
         scope = data.get("scope") if isinstance(data.get("scope"), str) else self.scopes
         assert isinstance(scope, str)
+        log.info("access token obtained", extra={"kid": signer.kid, "seconds": lifetime})
         return AccessToken(
             value=access, expires_at=started + lifetime, refresh_at=started + lifetime - margin, scope=scope
         )

@@ -7,6 +7,7 @@ front of it (429, 503, answers lost after the work was done), or from killing ou
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -21,6 +22,7 @@ import pytest
 from sqlalchemy import func, select
 
 from auth.backend import BackendTokenSource
+from auth.keys import Keyring
 from fhir_bridge.delivery import Worker, outbox
 from fhir_bridge.fhir_client import FhirClient, outcome_text
 from fhir_bridge.storage import Database
@@ -211,13 +213,22 @@ def test_an_answer_lost_after_the_ehr_did_the_work_is_repeated_safely(
                 assert found["identifier"][0]["value"] == item.ident_value
 
 
-def test_the_access_token_expiring_mid_run_is_renewed_before_it_fails(
-    session_keys: Path, make_services: ServicesFactory, sqlite_url: str
+def test_token_expiry_and_a_key_rotation_mid_run_break_nothing(
+    keys_dir: Path, make_services: ServicesFactory, sqlite_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    server = start_sekmet(session_keys, token_lifetime=5)
+    """Tokens lapse every 5 s and our signing key changes half-way; delivery never notices.
+
+    The new key is published before it signs (KEY_ROTATION_LEAD_SECONDS), so the EHR knows both when
+    the switch happens, as it would after fetching our JWKS during the lead time.
+    """
+    keyring = Keyring(keys_dir)
+    old_kid = keyring.signing_key().kid
+    new_kid = keyring.rotate(lead=timedelta(seconds=5), grace=timedelta(minutes=10)).kid
+    server = start_sekmet(keys_dir, token_lifetime=5)
     front = FaultProxy(server.base_url).start()
+    caplog.set_level(logging.INFO, logger="auth.backend")
     try:
-        services = make_services(sqlite_url, worker_batch_size=10)
+        services = make_services(sqlite_url, worker_batch_size=10, keys_dir=str(keys_dir))
         add_tenant(
             services.db,
             "short",
@@ -239,7 +250,9 @@ def test_the_access_token_expiring_mid_run_is_renewed_before_it_fails(
         assert runtime is not None and isinstance(runtime.client.auth, BackendTokenSource)
         assert runtime.client.auth.fetches >= 3, "new tokens were fetched as the old ones neared expiry"
         assert front.statuses[401] == 0, "no request went out with an expired token"
-        assert in_ehr(reader_for(server, session_keys), patient) == expected
+        kids = [r.kid for r in caplog.records if r.getMessage() == "access token obtained"]  # type: ignore[attr-defined]
+        assert kids[0] == old_kid and kids[-1] == new_kid, "the running worker switched keys by itself"
+        assert in_ehr(reader_for(server, keys_dir), patient) == expected
         assert outbox_states(services.db, "short") == Counter({"delivered": sum(expected.values())})
     finally:
         front.stop()

@@ -81,9 +81,13 @@ def run_floor(base_url: str, bundles: list[bytes]) -> float:
     return time.perf_counter() - started
 
 
+CPU: dict[str, list[float]] = {}
+
+
 def run_worker(services: Any, tenant: str, threads: int) -> float:
     worker = Worker(services)
     worker.directory.refresh(force=True)
+    cpu = time.process_time()
     started = time.perf_counter()
     if threads == 1:
         while worker.run_once():
@@ -101,6 +105,7 @@ def run_worker(services: Any, tenant: str, threads: int) -> float:
         for thread in pool:
             thread.join()
     elapsed = time.perf_counter() - started
+    CPU.setdefault(f"worker x{threads}", []).append(time.process_time() - cpu)
     with services.db.sessions() as session:
         left = (
             session.query(OutboxItem)
@@ -168,6 +173,7 @@ def main(argv: list[str]) -> None:
                     services.db, "bench", patient=f"w{t}{uuid.uuid4().hex[:6]}", records=args.records
                 )
                 figures[f"worker x{t}"].append(len(seeded.items) / run_worker(services, "bench", t))
+                CPU[f"worker x{t}"][-1] /= len(seeded.items)
             print(
                 f"round {round_no + 1}: "
                 + ", ".join(f"{name} {values[-1]:.0f}/s" for name, values in figures.items()),
@@ -180,12 +186,15 @@ def main(argv: list[str]) -> None:
             f"(~{int(args.records * 1.5)} resources), transaction Bundles of {args.batch}, "
             f"median of {args.rounds} rounds\n"
         )
-        print(f"{'figure':38} {'resources/s':>12} {'floor/s':>9} {'ratio':>7}")
-        print(f"{'floor: prebuilt Bundles, bare requests':38} {floor:>12.0f} {floor:>9.0f} {1:>7.2f}")
+        print(f"{'figure':38} {'resources/s':>12} {'floor/s':>9} {'ratio':>7} {'our CPU ms/resource':>20}")
+        print(
+            f"{'floor: prebuilt Bundles, bare requests':38} {floor:>12.0f} {floor:>9.0f} {1:>7.2f} {'-':>20}"
+        )
         for t in threads:
             value = statistics.median(figures[f"worker x{t}"])
+            cpu_ms = statistics.median(CPU[f"worker x{t}"]) * 1000
             label = f"worker, {t} delivery loop{'s' if t > 1 else ''}"
-            print(f"{label:38} {value:>12.0f} {floor:>9.0f} {value / floor:>7.2f}")
+            print(f"{label:38} {value:>12.0f} {floor:>9.0f} {value / floor:>7.2f} {cpu_ms:>20.2f}")
         services.db.dispose()
     finally:
         ehr.cleanup()

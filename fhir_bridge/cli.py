@@ -466,6 +466,7 @@ def ehr_list(ctx: Context) -> None:
 @pass_ctx
 def ehr_check(ctx: Context, tenant_id: str) -> None:
     """Try the connection: find the token endpoint, get a token, read the EHR's CapabilityStatement."""
+    from auth.backend import BackendTokenSource, TokenError
     from fhir_bridge.delivery.tenants import TenantDirectory
     from fhir_bridge.fhir_client import FhirError
 
@@ -480,8 +481,6 @@ def ehr_check(ctx: Context, tenant_id: str) -> None:
     auth = client.auth
     try:
         if auth is not None:
-            from auth.backend import BackendTokenSource
-
             assert isinstance(auth, BackendTokenSource)
             click.echo(f"token endpoint  {auth.token_url}")
             auth.token()
@@ -489,14 +488,8 @@ def ehr_check(ctx: Context, tenant_id: str) -> None:
         metadata = client.request("GET", "metadata").body or {}
         software = (metadata.get("software") or {}).get("name", "?")
         click.echo(f"FHIR server     ok ({metadata.get('fhirVersion', '?')}, {software})")
-    except FhirError as exc:
-        raise click.ClickException(f"{tenant_id}: {exc.message}") from None
-    except Exception as exc:
-        from auth.backend import TokenError
-
-        if isinstance(exc, TokenError):
-            raise click.ClickException(f"{tenant_id}: {exc}") from None
-        raise
+    except (FhirError, TokenError) as exc:
+        raise click.ClickException(f"{tenant_id}: {exc}") from None
 
 
 @ehr.command("remove")

@@ -164,14 +164,19 @@ def main(argv: list[str]) -> None:
         seed(services.db, "floor", patient="warm", records=200)
         bundles, _ = prebuilt_bundles(services, "floor", args.batch)
         run_floor(ehr.base_url, bundles)
+        contenders: list[int | None] = [None, *threads]  # None: the floor
         for round_no in range(args.rounds):
-            seed(services.db, "floor", patient=f"f{round_no}{uuid.uuid4().hex[:6]}", records=args.records)
-            bundles, count = prebuilt_bundles(services, "floor", args.batch)
-            figures["floor"].append(count / run_floor(ehr.base_url, bundles))
-            for t in threads:
-                seeded = seed(
-                    services.db, "bench", patient=f"w{t}{uuid.uuid4().hex[:6]}", records=args.records
-                )
+            # The server slows down as it fills up: rotate who goes first, round by round.
+            shift = round_no % len(contenders)
+            for t in contenders[shift:] + contenders[:shift]:
+                if t is None:
+                    patient = f"f{round_no}{uuid.uuid4().hex[:6]}"
+                    seed(services.db, "floor", patient=patient, records=args.records)
+                    bundles, count = prebuilt_bundles(services, "floor", args.batch)
+                    figures["floor"].append(count / run_floor(ehr.base_url, bundles))
+                    continue
+                patient = f"w{t}{uuid.uuid4().hex[:6]}"
+                seeded = seed(services.db, "bench", patient=patient, records=args.records)
                 figures[f"worker x{t}"].append(len(seeded.items) / run_worker(services, "bench", t))
                 CPU[f"worker x{t}"][-1] /= len(seeded.items)
             print(

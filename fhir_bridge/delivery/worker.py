@@ -31,12 +31,13 @@ from datetime import datetime, timedelta
 from sqlalchemy.exc import SQLAlchemyError
 
 from fhir_bridge.delivery import outbox
-from fhir_bridge.delivery.outbox import Claim, Item, Result
+from fhir_bridge.delivery.outbox import Claim, Item, Result, Vendor
 from fhir_bridge.delivery.tenants import TenantDirectory, TenantRuntime
 from fhir_bridge.delivery.writers import Group, Written, make_outcome, make_writer
 from fhir_bridge.ops import metrics
 from fhir_bridge.services import Services
 from fhir_bridge.storage.models import utcnow
+from mappings import MappedResource
 from mappings.identity import device_resource, full_url
 
 log = logging.getLogger(__name__)
@@ -170,11 +171,16 @@ class Worker:
 
     def _groups(self, claim: Claim, items: Sequence[Item]) -> list[Group]:
         groups: OrderedDict[str, Group] = OrderedDict()
+        devices: dict[Vendor, MappedResource] = {}
         for item in items:
             group = groups.get(item.group_key)
             if group is None:
                 vendor = claim.vendors.get(item.record_id) if item.record_id is not None else None
-                device = device_resource(vendor.client_id, vendor.name) if vendor else None
+                device = None
+                if vendor is not None:
+                    device = devices.get(vendor)
+                    if device is None:
+                        device = devices[vendor] = device_resource(vendor.client_id, vendor.name)
                 group = groups[item.group_key] = Group(item.group_key, [], device)
             group.items.append(item)
         return list(groups.values())

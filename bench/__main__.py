@@ -11,6 +11,7 @@ BENCHMARKS = {
         "bench.bench_delivery",
         "outbox -> sekmet resources/s next to prebuilt Bundles (TARGETS.md row 3)",
     ),
+    "push": ("bench.bench_push", "push API throughput per server CPU second, SQLite and PostgreSQL"),
 }
 
 

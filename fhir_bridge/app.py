@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Flask
 
-from fhir_bridge import errors, services
+from fhir_bridge import api, errors, services
 from fhir_bridge.ops import health, logs, metrics
 from fhir_bridge.settings import load_settings
 
@@ -35,6 +35,7 @@ def create_app(config: Mapping[str, Any] | None = None, *, svc: services.Service
     if settings.metrics_enabled:
         metrics.init_app(app, svc.db)
     app.register_blueprint(health.bp)
+    api.init_app(app)
     if settings.worker_embedded:
         # Delivery in the same process (the single-machine default): daemon threads, see delivery.worker.
         from fhir_bridge.delivery import BackgroundWorker

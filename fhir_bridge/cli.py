@@ -655,6 +655,201 @@ def config_show(ctx: Context) -> None:
         click.echo(f"FHIR_BRIDGE_{spec.name}={'' if shown is None else shown}")
 
 
+# -- vendor -----------------------------------------------------------------------------------
+
+
+def _bridge_error(exc: Exception) -> click.ClickException:
+    return click.ClickException(str(getattr(exc, "message", exc)))
+
+
+def _operator() -> str:
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
+@cli.group()
+def vendor() -> None:
+    """App vendors allowed to push data (OAuth2 client credentials with private_key_jwt)."""
+
+
+@vendor.command("add")
+@click.argument("client_id")
+@click.option(
+    "--name", required=True, help="The vendor's (or app's) name, shown to hospital IT and in the EHR."
+)
+@click.option(
+    "--jwks",
+    "jwks_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="File with the vendor's public JWKS (RS384 or ES384 keys).",
+)
+@click.option("--jwks-url", help="URL of the vendor's JWKS; its host must be in JWKS_FETCH_ALLOWED_HOSTS.")
+@click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    help="Scope the vendor may be granted (repeat; default: all). See README, 'Vendor API'.",
+)
+@pass_ctx
+def vendor_add(
+    ctx: Context,
+    client_id: str,
+    name: str,
+    jwks_file: str | None,
+    jwks_url: str | None,
+    scopes: tuple[str, ...],
+) -> None:
+    """Register a vendor with client id CLIENT_ID and its public keys (a file or a URL)."""
+    from pathlib import Path
+
+    from fhir_bridge import vendors
+    from fhir_bridge.errors import BridgeError
+    from fhir_bridge.storage import Database
+
+    jwks = None
+    if jwks_file is not None:
+        try:
+            jwks = json.loads(Path(jwks_file).read_text())
+        except ValueError:
+            raise click.ClickException(f"{jwks_file} is not valid JSON") from None
+    settings = ctx.settings
+    database = Database(settings.effective_database_url)
+    try:
+        view = vendors.register(
+            database,
+            client_id=client_id,
+            name=name,
+            jwks=jwks,
+            jwks_url=jwks_url,
+            scopes=list(scopes) or None,
+            allowed_hosts=settings.jwks_fetch_allowed_hosts,
+            allow_insecure_loopback=settings.allow_insecure_loopback,
+            actor=_operator(),
+        )
+    except BridgeError as exc:
+        raise _bridge_error(exc) from None
+    finally:
+        database.dispose()
+    click.echo(f"registered vendor {view.client_id} ({view.name})")
+    click.echo(f"  scopes:         {' '.join(view.scopes)}")
+    click.echo(f"  keys:           {view.keys}")
+    click.echo(f"  token endpoint: {settings.url('/oauth/token')}")
+
+
+@vendor.command("list")
+@pass_ctx
+def vendor_list(ctx: Context) -> None:
+    """List registered vendors with their status, scopes and where their keys come from."""
+    from fhir_bridge import vendors
+    from fhir_bridge.storage import Database
+
+    database = Database(ctx.settings.effective_database_url)
+    try:
+        views = vendors.list_all(database)
+    finally:
+        database.dispose()
+    if not views:
+        click.echo("no vendors registered; add one with `fhir-bridge vendor add`")
+    for view in views:
+        click.echo(
+            f"{view.client_id}  {view.status:8}  {view.name}  [{' '.join(view.scopes)}]  keys: {view.keys}"
+        )
+
+
+@vendor.command("disable")
+@click.argument("client_id")
+@pass_ctx
+def vendor_disable(ctx: Context, client_id: str) -> None:
+    """Disable a vendor now: its tokens stop working on their next use."""
+    from fhir_bridge import vendors
+    from fhir_bridge.errors import BridgeError
+    from fhir_bridge.storage import Database
+
+    database = Database(ctx.settings.effective_database_url)
+    try:
+        view = vendors.disable(database, client_id=client_id, actor=_operator())
+    except BridgeError as exc:
+        raise _bridge_error(exc) from None
+    finally:
+        database.dispose()
+    click.echo(f"vendor {view.client_id} is {view.status}")
+
+
+# -- enrollment -------------------------------------------------------------------------------
+
+
+@cli.group()
+def enrollment() -> None:
+    """Pairing patients with app users: create codes, list enrollments."""
+
+
+@enrollment.command("create")
+@click.option("--tenant", required=True, help="The EHR (tenant id) the patient is in.")
+@click.option("--patient", required=True, help="The patient's FHIR id in that EHR.")
+@click.option("--vendor", "vendor_id", required=True, help="The vendor's client id.")
+@click.option("--created-by", help="Who asked for it (default: the operating-system user).")
+@pass_ctx
+def enrollment_create(
+    ctx: Context, tenant: str, patient: str, vendor_id: str, created_by: str | None
+) -> None:
+    """Create a pairing code for a patient; the patient types it into the vendor's app."""
+    from fhir_bridge import enrollment as enrollments
+    from fhir_bridge.errors import BridgeError
+
+    svc = ctx.services()
+    try:
+        created = enrollments.create(
+            svc.db,
+            secret=svc.secret_key,
+            tenant_id=tenant,
+            patient_id=patient,
+            vendor_client_id=vendor_id,
+            created_by=created_by or _operator(),
+            ttl_seconds=svc.settings.pairing_code_ttl,
+        )
+    except BridgeError as exc:
+        raise _bridge_error(exc) from None
+    finally:
+        svc.db.dispose()
+    click.echo(f"pairing code: {enrollments.display(created.code)}")
+    click.echo(f"  enrollment: {created.enrollment_id}")
+    click.echo(f"  expires:    {created.expires_at.isoformat(timespec='seconds')}")
+    click.echo("  The code is shown only now; it is stored as a hash and works once.")
+
+
+@enrollment.command("list")
+@click.option("--tenant", help="Only this EHR.")
+@click.option("--vendor", "vendor_id", help="Only this vendor.")
+@pass_ctx
+def enrollment_list(ctx: Context, tenant: str | None, vendor_id: str | None) -> None:
+    """List enrollments: EHR, patient, vendor, app user and status."""
+    from datetime import UTC, datetime
+
+    from fhir_bridge import enrollment as enrollments
+    from fhir_bridge.storage import Database
+
+    database = Database(ctx.settings.effective_database_url)
+    try:
+        rows = enrollments.list_all(database, tenant_id=tenant, vendor=vendor_id)
+    finally:
+        database.dispose()
+    now = datetime.now(UTC)
+    if not rows:
+        click.echo("no enrollments")
+    for row in rows:
+        state = row.status
+        if state == "pending" and row.code_expires_at is not None and row.code_expires_at <= now:
+            state = "expired"
+        click.echo(
+            f"{row.id}  {state:8}  tenant={row.tenant_id}  patient={row.patient_id}  vendor={row.vendor}"
+            f"  app_user={row.app_user_id or '-'}  created={row.created_at.isoformat(timespec='seconds')}"
+        )
+
+
 # -- map --------------------------------------------------------------------------------------
 
 

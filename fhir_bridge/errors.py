@@ -154,6 +154,9 @@ def error_response(
         response = Response(orjson.dumps(body), status=status, mimetype=FHIR_JSON)
     elif surface == "json":
         payload: dict[str, Any] = {"error": code, "message": message}
+        if request.path.startswith("/oauth/"):
+            # RFC 6749 §5.2 names the human-readable text error_description.
+            payload["error_description"] = message
         if details is not None:
             payload["details"] = details
         response = Response(orjson.dumps(payload), status=status, mimetype="application/json")

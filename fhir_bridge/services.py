@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flask import current_app
+from flask import Flask, current_app
 
 from auth.keys import Keyring
 from fhir_bridge.crypto import DataCipher
@@ -45,6 +45,12 @@ def build_services(settings: Settings) -> Services:
 
 def install(app_extensions: dict[str, object], services: Services) -> None:
     app_extensions[_KEY] = services
+
+
+def from_app(app: Flask) -> Services:
+    services = app.extensions[_KEY]
+    assert isinstance(services, Services)
+    return services
 
 
 def current() -> Services:

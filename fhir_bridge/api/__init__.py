@@ -1,0 +1,14 @@
+"""The vendor-facing API (described in openapi.yaml): token endpoint, enrollments, push, status, FHIR."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+
+def init_app(app: Flask) -> None:
+    from fhir_bridge.api import enrollments, fhir, oauth, records
+
+    oauth.init_app(app)
+    app.register_blueprint(enrollments.bp)
+    app.register_blueprint(records.bp)
+    app.register_blueprint(fhir.bp)

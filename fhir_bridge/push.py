@@ -1,0 +1,462 @@
+"""Native push: a batch of vendor records in, one result per record out, accepted ones durably queued.
+
+For each record, in order: the envelope is validated (marshmallow), the app user must have an
+active enrollment with this vendor, a record id the vendor sent before is a duplicate (nothing new
+is written), and the measure's mapping turns ``data`` into FHIR resources or rejections naming the
+field. The submission row, the accepted records and their outbox items are written in one
+transaction: either the vendor's ``accepted`` is true in the database or the request fails as a
+whole and nothing is.
+
+``Idempotency-Key`` (draft-ietf-httpapi-idempotency-key-header): the first response is stored on the
+submission; the same key with the same body replays it, with another body is a 409, and while the
+first request is still running a second one gets 409 (PostgreSQL: a transaction-scoped try-lock
+on the key; SQLite serialises writers, so the second simply waits and then replays).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from marshmallow import RAISE, Schema, ValidationError, fields, validate
+from sqlalchemy import Table, insert, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from fhir_bridge.catalog import catalog_for
+from fhir_bridge.enrollment import APP_USER_ID, active_by_app_user
+from fhir_bridge.errors import BadRequest, Conflict
+from fhir_bridge.settings import Settings
+from fhir_bridge.storage import Database
+from fhir_bridge.storage.models import Enrollment, OutboxItem, Record, Submission, VendorClient
+from mappings import Catalog, MappedResource, MappingContext
+from mappings.identity import device_full_url
+
+RECORD_ID = r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}"
+IDEMPOTENCY_KEY_MAX = 255
+RECORDS: Table = Record.__table__  # type: ignore[assignment]
+OUTBOX: Table = OutboxItem.__table__  # type: ignore[assignment]
+NOT_ENROLLED = (
+    "This app user has no active enrollment with your app: claim a pairing code first "
+    "(POST /api/v1/enrollments/claim)."
+)
+
+
+class RecordSchema(Schema):
+    """The native record envelope; ``data`` is checked by the measure's mapping spec."""
+
+    class Meta:
+        unknown = RAISE
+
+    record_id = fields.String(
+        required=True,
+        validate=validate.Regexp(
+            rf"(?:{RECORD_ID})\Z",
+            error="must be 1-200 characters: letters, digits and . _ : @ / - (no spaces)",
+        ),
+    )
+    app_user_id = fields.String(
+        required=True,
+        validate=validate.Regexp(
+            rf"(?:{APP_USER_ID.pattern})\Z", error="must be 1-128 ASCII letters, digits and . _ : @ -"
+        ),
+    )
+    measure = fields.String(required=True, validate=validate.Length(min=1, max=100))
+    data = fields.Dict(keys=fields.String(), required=True)
+
+
+_RECORD_SCHEMA = RecordSchema()
+
+
+@dataclass
+class Problem:
+    code: str
+    field: str
+    message: str
+
+    def as_json(self) -> dict[str, str]:
+        return {"code": self.code, "field": self.field, "message": self.message}
+
+
+@dataclass
+class Result:
+    index: int
+    record_id: str | None
+    status: str = "rejected"
+    id: str | None = None
+    errors: list[Problem] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": self.index, "record_id": self.record_id, "status": self.status}
+        if self.id is not None:
+            out["id"] = self.id
+        if self.errors:
+            out["errors"] = [p.as_json() for p in self.errors]
+        return out
+
+
+@dataclass
+class Prepared:
+    """A record that passed every check and is ready to be written."""
+
+    result: Result
+    record_id: str
+    measure: str
+    enrollment: Enrollment
+    resources: Sequence[MappedResource]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: int
+    body: bytes
+    replayed: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _marshmallow_problems(messages: Any, prefix: str = "") -> list[Problem]:
+    problems: list[Problem] = []
+    if isinstance(messages, dict):
+        for key, value in messages.items():
+            path = f"{prefix}{key}"
+            if isinstance(value, dict):
+                problems += _marshmallow_problems(value, path + ".")
+            else:
+                text_ = "; ".join(str(m) for m in value) if isinstance(value, list) else str(value)
+                code = "unknown-field" if "Unknown field" in text_ else "invalid-field"
+                if "Missing data" in text_:
+                    code = "missing-field"
+                problems.append(Problem(code, path, f"{path}: {text_}"))
+    return problems
+
+
+def request_hash(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def check_idempotency_key(key: str | None) -> str | None:
+    if key is None:
+        return None
+    if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX or not key.isascii() or not key.isprintable():
+        raise BadRequest(
+            f"Idempotency-Key must be 1-{IDEMPOTENCY_KEY_MAX} printable ASCII characters.",
+            code="invalid-idempotency-key",
+        )
+    return key
+
+
+def _lock_key(session: Session, vendor: VendorClient, key: str) -> None:
+    if session.get_bind().dialect.name != "postgresql":
+        return  # SQLite: BEGIN IMMEDIATE already serialises every writer.
+    digest = hashlib.sha256(f"{vendor.id}\x1f{key}".encode()).digest()
+    lock_id = int.from_bytes(digest[:8], "big", signed=True)
+    got = session.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": lock_id}).scalar()
+    if not got:
+        raise Conflict(
+            "A request with this Idempotency-Key is still being processed; retry after it finishes.",
+            code="idempotency-key-in-progress",
+            headers={"Retry-After": "1"},
+        )
+
+
+def replay(session: Session, vendor: VendorClient, key: str, body_hash: str) -> Outcome | None:
+    """The stored response for this key, a 409 if the key was used with another body, else None."""
+    previous = session.execute(
+        select(Submission).where(Submission.vendor_id == vendor.id, Submission.idempotency_key == key)
+    ).scalar_one_or_none()
+    if previous is None:
+        return None
+    if previous.request_hash != body_hash:
+        raise Conflict(
+            "This Idempotency-Key was already used with a different request body; "
+            "use a new key for a new request.",
+            code="idempotency-key-reused",
+        )
+    assert previous.response_status is not None and previous.response_body is not None
+    return Outcome(previous.response_status, previous.response_body, replayed=True)
+
+
+class Mapper:
+    """The one seam to the ``mappings`` package: this deployment's catalogue, loaded once per process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @property
+    def catalog(self) -> Catalog:
+        return catalog_for(self.settings)
+
+    def map(
+        self,
+        *,
+        vendor: VendorClient,
+        record_id: str,
+        measure: str,
+        data: dict[str, Any],
+        patient_id: str,
+        now: datetime,
+    ) -> tuple[Sequence[MappedResource], list[Problem]]:
+
+        result = self.catalog.map(
+            measure,
+            data,
+            MappingContext(
+                vendor_id=vendor.client_id,
+                record_id=record_id,
+                patient_reference=f"Patient/{patient_id}",
+                device_full_url=device_full_url(vendor.client_id),
+                received_at=now,
+            ),
+        )
+        problems = [Problem(r.code, _data_path(r.field), r.message) for r in result.rejections]
+        return result.resources, problems
+
+
+def _data_path(field_name: str) -> str:
+    return (
+        field_name
+        if field_name in ("measure", "record_id", "app_user_id")
+        else f"data.{field_name}".rstrip(".")
+    )
+
+
+def existing_records(
+    session: Session, vendor: VendorClient, record_ids: Iterable[str]
+) -> dict[str, uuid.UUID]:
+    ids = list(record_ids)
+    found: dict[str, uuid.UUID] = {}
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        rows = session.execute(
+            select(Record.vendor_record_id, Record.id).where(
+                Record.vendor_id == vendor.id, Record.vendor_record_id.in_(chunk)
+            )
+        ).all()
+        found.update({rid: pk for rid, pk in rows})
+    return found
+
+
+@dataclass
+class Work:
+    """What a push produced inside its transaction, for :func:`submit` to record."""
+
+    status: int
+    response: dict[str, Any]
+    counts: dict[str, int]
+    prepared: list[Prepared]
+    group_key: str | None = None
+    extra_headers: dict[str, str] = field(default_factory=dict)
+
+
+def submit(
+    db: Database,
+    *,
+    vendor: VendorClient,
+    kind: str,
+    body: bytes,
+    idempotency_key: str | None,
+    work: Callable[[Session, uuid.UUID, datetime], Work],
+    now: datetime | None = None,
+) -> Outcome:
+    """Run ``work`` and record its submission, records and outbox items in one transaction.
+
+    Retries once when a concurrent push inserted one of the same record ids (or the same key) after
+    we looked: the second run sees those records as duplicates (or replays the key).
+    """
+    try:
+        return _submit_once(db, vendor=vendor, kind=kind, body=body, key=idempotency_key, work=work, now=now)
+    except IntegrityError:
+        return _submit_once(db, vendor=vendor, kind=kind, body=body, key=idempotency_key, work=work, now=now)
+
+
+def _submit_once(
+    db: Database,
+    *,
+    vendor: VendorClient,
+    kind: str,
+    body: bytes,
+    key: str | None,
+    work: Callable[[Session, uuid.UUID, datetime], Work],
+    now: datetime | None,
+) -> Outcome:
+    now = now or datetime.now(UTC)
+    body_hash = request_hash(body)
+    with db.transaction() as session:
+        if key is not None:
+            _lock_key(session, vendor, key)
+            previous = replay(session, vendor, key, body_hash)
+            if previous is not None:
+                return previous
+        submission_id = uuid.uuid4()
+        done = work(session, submission_id, now)
+        response_body = orjson.dumps(done.response)
+        session.add(
+            Submission(
+                id=submission_id,
+                vendor_id=vendor.id,
+                kind=kind,
+                received_at=now,
+                idempotency_key=key,
+                request_hash=body_hash,
+                record_count=sum(done.counts.values()),
+                accepted_count=done.counts.get("accepted", 0),
+                duplicate_count=done.counts.get("duplicate", 0),
+                rejected_count=done.counts.get("rejected", 0),
+                response_status=done.status,
+                response_body=response_body,
+            )
+        )
+        session.flush()
+        write_accepted(
+            session,
+            vendor=vendor,
+            submission_id=submission_id,
+            prepared=done.prepared,
+            now=now,
+            group_key=done.group_key,
+        )
+        return Outcome(done.status, response_body, headers=done.extra_headers)
+
+
+def push(
+    db: Database,
+    mapper: Mapper,
+    *,
+    vendor: VendorClient,
+    records: list[Any],
+    body: bytes,
+    idempotency_key: str | None,
+    now: datetime | None = None,
+) -> Outcome:
+    """Process one native batch; see the module docstring."""
+
+    def work(session: Session, submission_id: uuid.UUID, now: datetime) -> Work:
+        results, prepared = _evaluate(session, mapper, vendor=vendor, records=records, now=now)
+        counts = {s: sum(1 for r in results if r.status == s) for s in ("accepted", "duplicate", "rejected")}
+        response = {
+            "submission_id": str(submission_id),
+            "received_at": now.isoformat().replace("+00:00", "Z"),
+            "counts": counts,
+            "results": [r.as_json() for r in results],
+        }
+        return Work(200, response, counts, prepared)
+
+    return submit(
+        db, vendor=vendor, kind="native", body=body, idempotency_key=idempotency_key, work=work, now=now
+    )
+
+
+def _evaluate(
+    session: Session, mapper: Mapper, *, vendor: VendorClient, records: list[Any], now: datetime
+) -> tuple[list[Result], list[Prepared]]:
+    results: list[Result] = []
+    valid: list[tuple[Result, dict[str, Any]]] = []
+    for index, raw in enumerate(records):
+        result = Result(index=index, record_id=raw.get("record_id") if isinstance(raw, dict) else None)
+        if not isinstance(result.record_id, str):
+            result.record_id = None
+        results.append(result)
+        if not isinstance(raw, dict):
+            result.errors.append(
+                Problem("invalid-record", f"records[{index}]", "each record must be a JSON object")
+            )
+            continue
+        try:
+            valid.append((result, _RECORD_SCHEMA.load(raw)))
+        except ValidationError as exc:
+            result.errors = _marshmallow_problems(exc.messages)
+
+    enrollments = active_by_app_user(session, vendor.id, {rec["app_user_id"] for _, rec in valid})
+    existing = existing_records(session, vendor, {rec["record_id"] for _, rec in valid})
+    seen_in_batch: dict[str, Result] = {}
+    prepared: list[Prepared] = []
+    for result, rec in valid:
+        record_id = rec["record_id"]
+        if record_id in existing:
+            result.status, result.id = "duplicate", str(existing[record_id])
+            continue
+        first = seen_in_batch.get(record_id)
+        if first is not None:
+            result.status, result.id = "duplicate", first.id
+            continue
+        enrollment = enrollments.get(rec["app_user_id"])
+        if enrollment is None:
+            result.errors.append(Problem("not-enrolled", "app_user_id", NOT_ENROLLED))
+            continue
+        resources, problems = mapper.map(
+            vendor=vendor,
+            record_id=record_id,
+            measure=rec["measure"],
+            data=rec["data"],
+            patient_id=enrollment.patient_id,
+            now=now,
+        )
+        if problems:
+            result.errors = problems
+            continue
+        result.status, result.id = "accepted", str(uuid.uuid4())
+        seen_in_batch[record_id] = result
+        prepared.append(Prepared(result, record_id, rec["measure"], enrollment, resources))
+    return results, prepared
+
+
+def write_accepted(
+    session: Session,
+    *,
+    vendor: VendorClient,
+    submission_id: uuid.UUID,
+    prepared: Sequence[Prepared],
+    now: datetime,
+    group_key: str | None = None,
+) -> None:
+    """Insert the records and their outbox items (executemany: one round trip per table)."""
+    if not prepared:
+        return
+    # Core executemany (one round trip per table, no ORM unit-of-work bookkeeping per row).
+    connection = session.connection()
+    connection.execute(
+        insert(RECORDS),
+        [
+            {
+                "id": uuid.UUID(p.result.id or ""),
+                "submission_id": submission_id,
+                "vendor_id": vendor.id,
+                "vendor_record_id": p.record_id,
+                "measure": p.measure,
+                "enrollment_id": p.enrollment.id,
+                "status": "queued",
+                "created_at": now,
+                "updated_at": now,
+            }
+            for p in prepared
+        ],
+    )
+    connection.execute(
+        insert(OUTBOX),
+        [
+            {
+                "tenant_id": p.enrollment.tenant_id,
+                "record_id": uuid.UUID(p.result.id or ""),
+                "group_key": group_key or p.result.id,
+                "resource_type": res.resource_type,
+                "ident_system": res.identifier_system,
+                "ident_value": res.identifier_value,
+                "body": orjson.dumps(res.resource),
+                "priority": 0,
+                "status": "pending",
+                "attempts": 0,
+                "next_attempt_at": now,
+                "created_at": now,
+            }
+            for p in prepared
+            for res in p.resources
+        ],
+    )
+
+
+__all__ = ["Mapper", "Outcome", "Prepared", "Problem", "Result", "Work", "push", "submit", "write_accepted"]

@@ -2,11 +2,11 @@
 
 Claiming is the part that must be right for "nothing lost, nothing duplicated":
 
-* A group (``tenant_id``, ``group_key``) is claimed whole or not at all. Each claimer first locks the
-  group's *head* (its lowest pending id) with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so two
-  workers never split a group and never wait on each other; the other members are then locked
-  normally (only the head's holder ever asks for them). SQLite takes its write lock at ``BEGIN
-  IMMEDIATE`` (see :mod:`fhir_bridge.storage.database`), which serialises claimers the same way.
+* A group (``tenant_id``, ``group_key``) is claimed whole or not at all. On PostgreSQL a claimer
+  locks due rows in claim order, then every row of their groups, both with ``FOR UPDATE SKIP
+  LOCKED``, so claimers never wait on each other; a group some of whose rows another claimer holds
+  is left to that claimer (or to the next round), never split. SQLite takes its write lock at
+  ``BEGIN IMMEDIATE`` (see :mod:`fhir_bridge.storage.database`), which serialises claimers.
 * A claim sets ``lease_until``/``leased_by``; a worker that dies simply lets its lease run out and
   another one takes the work. Results are written only for rows the worker still holds, so a worker
   that lost its lease (it was too slow) cannot overwrite the newer owner's state; the newer owner
@@ -17,7 +17,7 @@ Claiming is the part that must be right for "nothing lost, nothing duplicated":
 from __future__ import annotations
 
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -29,7 +29,6 @@ from sqlalchemy import (
     and_,
     bindparam,
     delete,
-    exists,
     func,
     insert,
     null,
@@ -37,7 +36,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session
 
 from fhir_bridge.storage import Database
 from fhir_bridge.storage.models import (
@@ -165,53 +164,63 @@ def claim(
     if not tenants:
         return result
     postgres = db.dialect == "postgresql"
-    earlier = aliased(OutboxItem)
-    heads_query = (
-        select(OutboxItem.id, OutboxItem.tenant_id, OutboxItem.group_key)
-        .where(
-            _claimable(now),
-            OutboxItem.tenant_id.in_(sorted(tenants)),
-            ~exists().where(
-                earlier.tenant_id == OutboxItem.tenant_id,
-                earlier.group_key == OutboxItem.group_key,
-                earlier.status == "pending",
-                earlier.id < OutboxItem.id,
-            ),
-        )
+    # Due items in claim order; the claim index serves the order, so this stays cheap however long
+    # the queue is. On PostgreSQL rows another claimer is taking right now are skipped, not waited for.
+    candidates_query = (
+        select(OutboxItem.tenant_id, OutboxItem.group_key)
+        .where(_claimable(now), OutboxItem.tenant_id.in_(sorted(tenants)))
         .order_by(OutboxItem.priority, OutboxItem.next_attempt_at, OutboxItem.id)
         .limit(limit)
     )
     if postgres:
-        heads_query = heads_query.with_for_update(skip_locked=True, of=OutboxItem)
+        candidates_query = candidates_query.with_for_update(skip_locked=True)
     with db.transaction() as session:
-        heads = session.execute(heads_query).all()
-        if not heads:
+        candidates = session.execute(candidates_query).all()
+        if not candidates:
             return result
-        wanted = {(row.tenant_id, row.group_key) for row in heads}
-        # Every row of the wanted groups, by group_key alone: that keeps SQLite on the group_key
-        # index (with a status condition it prefers the claim index and scans the whole queue).
-        # Pending rows are the members; delivered ones are siblings already in the EHR.
+        keys = sorted({row.group_key for row in candidates})
+        # Every row of those groups, found by group_key alone (its index; with a status condition
+        # SQLite prefers the claim index and scans the queue). Pending rows are the members;
+        # delivered ones are siblings already in the EHR.
         members_query = (
-            select(*_ITEM_COLUMNS, OutboxItem.status, OutboxItem.ehr_id)
-            .where(OutboxItem.group_key.in_(sorted({key for _, key in wanted})))
+            select(*_ITEM_COLUMNS, OutboxItem.status, OutboxItem.ehr_id, OutboxItem.lease_until)
+            .where(OutboxItem.group_key.in_(keys))
             .order_by(OutboxItem.id)
         )
         if postgres:
-            members_query = members_query.with_for_update()
+            members_query = members_query.with_for_update(skip_locked=True)
         groups: dict[tuple[str, str], list[Any]] = defaultdict(list)
+        seen: Counter[tuple[str, str]] = Counter()
         delivered: list[Any] = []
         for row in session.execute(members_query):
-            if (row.tenant_id, row.group_key) not in wanted:
-                continue
+            key = (row.tenant_id, row.group_key)
+            seen[key] += 1
             if row.status == "pending":
-                groups[(row.tenant_id, row.group_key)].append(row)
+                groups[key].append(row)
             elif row.status == "delivered" and row.ehr_id is not None:
                 delivered.append(row)
+        whole = set(groups)
+        if postgres:
+            # A group is ours only if we locked every one of its rows: rows skipped because another
+            # claimer holds them mean that claimer is taking (part of) the group; leave it to it.
+            totals = session.execute(
+                select(OutboxItem.tenant_id, OutboxItem.group_key, func.count())
+                .where(OutboxItem.group_key.in_(keys))
+                .group_by(OutboxItem.tenant_id, OutboxItem.group_key)
+            ).all()
+            whole = {(t, k) for t, k, n in totals if seen[(t, k)] == n}
         chosen: list[Any] = []
-        for head in heads:  # claim order; whole groups until the batch is full
-            members = groups.get((head.tenant_id, head.group_key), [])
+        taken: set[tuple[str, str]] = set()
+        for candidate in candidates:  # claim order; whole groups until the batch is full
+            key = (candidate.tenant_id, candidate.group_key)
+            if key in taken or key not in whole:
+                continue
+            members = groups[key]
+            if any(m.lease_until is not None and m.lease_until >= now for m in members):
+                continue  # another worker's live lease on part of it: that worker is delivering it
             if chosen and len(chosen) + len(members) > limit:
                 break
+            taken.add(key)
             chosen.extend(members)
         if not chosen:
             return result
@@ -221,7 +230,6 @@ def claim(
             .values(lease_until=lease_until, leased_by=worker)
         )
         result.items = [Item(*row[: len(_ITEM_COLUMNS)]) for row in chosen]
-        taken = {(row.tenant_id, row.group_key) for row in chosen}
         result.delivered = {
             (row.tenant_id, row.resource_type, row.ident_system, row.ident_value): row.ehr_id
             for row in delivered
@@ -270,14 +278,16 @@ def record(db: Database, worker: str, results: Sequence[Result], *, now: datetim
     now = now or utcnow()
     by_id = {result.item_id: result for result in results}
     with db.transaction() as session:
-        owned_query = select(OutboxItem.id, OutboxItem.attempts, OutboxItem.record_id).where(
-            OutboxItem.id.in_(sorted(by_id)),
-            OutboxItem.leased_by == worker,
-            OutboxItem.status == "pending",
-        )
+        # By primary key only (the other conditions are checked here): a status condition invites
+        # the planner to walk the claim index instead.
+        owned_query = select(
+            OutboxItem.id, OutboxItem.attempts, OutboxItem.record_id, OutboxItem.leased_by, OutboxItem.status
+        ).where(OutboxItem.id.in_(sorted(by_id)))
         if db.dialect == "postgresql":
             owned_query = owned_query.with_for_update()
-        owned = session.execute(owned_query).all()
+        owned = [
+            row for row in session.execute(owned_query) if row.leased_by == worker and row.status == "pending"
+        ]
         updates: list[dict[str, Any]] = []
         attempts_rows: list[dict[str, Any]] = []
         delivered_records: set[uuid.UUID] = set()

@@ -160,6 +160,35 @@ def test_a_long_retry_after_reschedules_instead_of_retrying_in_a_loop(
     assert proxy.injected == 1
 
 
+def test_an_ehr_failing_every_time_dead_letters_after_the_attempt_budget(
+    smart_ehr: SekmetServer, proxy: FaultProxy, make_services: ServicesFactory, sqlite_url: str
+) -> None:
+    services = make_services(sqlite_url, worker_max_attempts=3, worker_retry_max_seconds=0.2)
+    add_tenant(
+        services.db,
+        "broken",
+        proxy.base_url,
+        client_id=CLIENT_ID,
+        token_url=smart_ehr.token_url,
+        quirks=QR_PUT,
+    )
+    seeded = seed(services.db, "broken", patient=new_patient(), records=4)
+    issue = {"severity": "fatal", "code": "exception", "diagnostics": "database unavailable"}
+    outcome = {"resourceType": "OperationOutcome", "issue": [issue]}
+    proxy.during(600, Respond(500, (("Content-Type", "application/fhir+json"),), orjson.dumps(outcome)))
+    drain(Worker(services), "broken", timeout=60)
+    with services.db.sessions() as session:
+        items = list(session.scalars(select(OutboxItem).where(OutboxItem.tenant_id == "broken")))
+        tries = session.scalar(select(func.count()).select_from(DeliveryAttempt))
+    assert {i.status for i in items} == {"dead"} and len(items) == len(seeded.items)
+    assert {i.attempts for i in items} == {3}
+    assert tries == 3 * len(items), "one delivery attempt row per item per try"
+    for item in items:
+        assert item.last_status == 500
+        assert "gave up after 3 attempts" in outcome_text(item.outcome)
+        assert "database unavailable" in outcome_text(item.outcome), "the EHR's own words are kept"
+
+
 @pytest.mark.parametrize("strategy", ["transaction", "single"])
 def test_an_answer_lost_after_the_ehr_did_the_work_is_repeated_safely(
     strategy: str,

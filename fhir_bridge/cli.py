@@ -932,5 +932,93 @@ def map_record(
     click.echo(json.dumps(bundle, indent=2, ensure_ascii=False))
 
 
+# -- sandbox EHR (development and demo only) ---------------------------------------------------
+
+
+@cli.group()
+def sandbox() -> None:
+    """The sandbox EHR, for development and demos only: SMART authorization server, FHIR R4 endpoint,
+    and a chart page that launches apps. Synthetic data; never use it with real patients."""
+
+
+@sandbox.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", type=int, default=9090, show_default=True, help="Port to bind.")
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(file_okay=False),
+    default="instance/sandbox",
+    show_default=True,
+    help="Folder for the sandbox's database, keys and admin token (created on first start).",
+)
+@click.option("--public-url", help="URL apps reach the sandbox at (default: http://HOST:PORT).")
+@click.option(
+    "--bridge-url",
+    help="Register the fhir-bridge at this URL: its SMART app (launch URL, /callback) and its "
+    "backend-services client (JWKS at /.well-known/jwks.json).",
+)
+@click.option(
+    "--clients",
+    "clients_file",
+    type=click.Path(dir_okay=False, exists=True),
+    help="JSON list of app registrations to create or update at start (same fields as the admin API).",
+)
+@click.option("--no-seed", is_flag=True, help="Do not create the demo patients in an empty sandbox.")
+@pass_ctx
+def sandbox_serve(
+    ctx: Context,
+    host: str,
+    port: int,
+    data_dir: str,
+    public_url: str | None,
+    bridge_url: str | None,
+    clients_file: str | None,
+    no_seed: bool,
+) -> None:
+    """Run the sandbox EHR on its own port (chart at /, FHIR base at /fhir)."""
+    from pathlib import Path
+
+    from fhir_bridge.errors import BridgeError
+    from fhir_bridge.sandbox.app import create_sandbox_app
+    from fhir_bridge.sandbox.runtime import Sandbox, SandboxConfig
+    from fhir_bridge.sandbox.server import run_sandbox
+
+    url = (public_url or f"http://{host}:{port}").rstrip("/")
+    config = SandboxConfig(data_dir=Path(data_dir), public_url=url, seed=not no_seed)
+    clients = Path(clients_file) if clients_file else None
+    # Build it once here, so a bad clients file or a stale data folder is a one-line error, not a
+    # worker that fails to boot; this also creates the data folder, keys, admin token and demo data.
+    try:
+        app = create_sandbox_app(
+            config,
+            clients_file=clients,
+            bridge_url=bridge_url,
+            log_level="WARNING",
+            log_format=ctx.settings.log_format,
+        )
+    except (BridgeError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    sandbox = app.extensions["fhir_bridge.sandbox"]
+    assert isinstance(sandbox, Sandbox)
+    sandbox.db.dispose()  # no SQLite connection may cross gunicorn's fork
+    folder = config.data_dir
+    click.echo(
+        "Sandbox EHR (development and demo only; synthetic data, never real patients)\n"
+        f"  chart:       {url}/\n"
+        f"  FHIR base:   {config.fhir_base}\n"
+        f"  admin token: {folder / 'admin_token'}"
+    )
+    run_sandbox(
+        config,
+        host=host,
+        port=port,
+        clients_file=clients,
+        bridge_url=bridge_url,
+        log_level=ctx.settings.log_level,
+        log_format=ctx.settings.log_format,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="fhir-bridge")

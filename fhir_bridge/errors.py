@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 import orjson
-from flask import Flask, Response, render_template, request
+from flask import Flask, Response, current_app, render_template, request
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,9 @@ def operation_outcome(
 
 def _surface() -> str:
     path = request.path
+    # An app may name browser-facing paths under otherwise-JSON prefixes (e.g. an OAuth authorize page).
+    if path.startswith(tuple(current_app.config.get("HTML_ERROR_PREFIXES", ()))):
+        return "html"
     if path == "/fhir" or path.startswith("/fhir/"):
         return "fhir"
     if path.startswith(

@@ -42,5 +42,7 @@ def run_gunicorn(settings: Settings, *, host: str, port: int, workers: int) -> N
         "timeout": 120,
         "graceful_timeout": 20,
         "forwarded_allow_ips": "127.0.0.1",
+        # gunicorn 27's control socket has one path per user; two services on a host would fight over it.
+        "control_socket_disable": True,
     }
     _Gunicorn(options).run()

@@ -20,6 +20,7 @@ from fhir_bridge.settings import load_settings
 from fhir_bridge.storage import Database, migrate
 from tests.support.postgres import PostgresServer, find_bin_dir
 from tests.support.procs import missing
+from tests.support.sandbox import SandboxServer
 from tests.support.sekmet import SekmetServer, sekmet_executable
 
 
@@ -108,6 +109,15 @@ def sekmet() -> Iterator[SekmetServer]:
     if sekmet_executable() is None:
         missing("the sekmet FHIR server", "pip install 'sekmet-fhir==0.1.1' (part of the dev extra)")
     server = SekmetServer()
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def sandbox_server() -> Iterator[SandboxServer]:
+    """The sandbox EHR (`fhir-bridge sandbox serve`) as a real process; tests register their own apps."""
+    server = SandboxServer()
     server.start()
     yield server
     server.cleanup()

@@ -50,6 +50,9 @@ ALLOWED_FIELDS = frozenset(
         "alert",
         "count",
         "seconds",
+        # sandbox EHR (dev/demo only): which registered app, which OAuth grant
+        "client",
+        "grant_type",
     }
 )
 
@@ -114,8 +117,8 @@ def configure_logging(level: str, fmt: str, stream: Any = None) -> None:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 
-def init_app(app: Flask) -> None:
-    access = logging.getLogger("fhir_bridge.access")
+def init_app(app: Flask, *, access_logger: str = "fhir_bridge.access") -> None:
+    access = logging.getLogger(access_logger)
 
     @app.before_request
     def _start() -> None:

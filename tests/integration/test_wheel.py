@@ -90,3 +90,23 @@ def test_a_mapping_runs_from_the_installed_wheel(installed: Path, tmp_path: Path
     folder = Path(where)
     assert str(installed) in where and (folder / "phq9.yaml").exists()
     assert (folder.parent / "examples" / "phq9" / "moderate.expected.json").exists()
+
+
+def test_sandbox_ehr_ships_its_pages(installed: Path, tmp_path: Path) -> None:
+    result = _run(installed, "sandbox", "serve", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    check = subprocess.run(
+        [
+            str(installed / "bin" / "python"),
+            "-c",
+            "import importlib.resources as r; t = r.files('fhir_bridge.sandbox') / 'templates';"
+            "print((t / 'error.html').is_file(), (t / 'sandbox' / 'chart.html').is_file())",
+        ],
+        cwd=tmp_path,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert check.stdout.split() == ["True", "True"], check.stderr

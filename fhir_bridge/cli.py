@@ -315,6 +315,12 @@ def _ehr_options(func: F) -> F:
             "with PUT to their identifier instead (see docs/ehr-vendors.md).",
         ),
         click.option(
+            "--provenance",
+            type=click.Choice(["plain", "conditional", "off"]),
+            help="How each batch's Provenance is written: plain create (default), conditional create on "
+            "its batch tag (EHRs that search Provenance by _tag), or off (EHRs that refuse Provenance).",
+        ),
+        click.option(
             "--max-rps", type=click.FloatRange(min=0.1), help="Most requests per second to this EHR."
         ),
         click.option("--max-concurrent", type=click.IntRange(1, 64), help="Most requests in flight at once."),
@@ -351,12 +357,24 @@ def _tenant_values(ctx: Context, fhir_base: str | None, **opts: Any) -> dict[str
     for option, column in simple.items():
         if opts.get(option) is not None:
             values[column] = opts[option]
+    # Quirks are merged into what the EHR has (see `ehr update`); None removes one.
+    quirks: dict[str, Any] = {}
     if opts.get("put_types") is not None:
         types = [t.strip() for t in opts["put_types"].split(",") if t.strip()]
         if not all(t.isalpha() and t[0].isupper() for t in types):
             raise click.BadParameter("expected FHIR resource type names, e.g. QuestionnaireResponse")
-        values["quirks"] = {"no_conditional_create": types} if types else {}
+        quirks["no_conditional_create"] = types or None
+    if opts.get("provenance") is not None:
+        quirks["provenance"] = opts["provenance"]
+    if quirks:
+        values["quirks"] = quirks
     return values
+
+
+def _merge_quirks(current: dict[str, Any] | None, changes: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(current or {})
+    merged.update(changes)
+    return {key: value for key, value in merged.items() if value is not None}
 
 
 DEFAULT_BACKEND_SCOPES = (
@@ -393,6 +411,7 @@ def ehr_add(ctx: Context, tenant_id: str, fhir_base: str, **opts: Any) -> None:
             clash = session.scalar(select(Tenant.id).where(Tenant.fhir_base_url == values["fhir_base_url"]))
             if clash is not None:
                 raise click.ClickException(f"EHR {clash!r} already has FHIR base {values['fhir_base_url']}")
+            values["quirks"] = _merge_quirks({}, values.get("quirks", {}))
             session.add(Tenant(id=tenant_id, **values))
     finally:
         database.dispose()
@@ -426,6 +445,8 @@ def ehr_update(
             if tenant is None:
                 raise click.ClickException(f"no EHR with id {tenant_id!r}; see `fhir-bridge ehr list`")
             for column, value in values.items():
+                if column == "quirks":
+                    value = _merge_quirks(tenant.quirks, value)
                 setattr(tenant, column, value)
     finally:
         database.dispose()

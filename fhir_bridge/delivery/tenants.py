@@ -23,6 +23,7 @@ from sqlalchemy import select
 
 from auth.backend import BackendTokenSource, SmartConfigurationCache, UnsafeUrlError, require_secure_url
 from auth.keys import Keyring
+from fhir_bridge.delivery.writers import PROVENANCE_MODES, ProvenanceMode
 from fhir_bridge.fhir_client import FhirClient, RequestLimiter
 from fhir_bridge.ops import metrics
 from fhir_bridge.settings import Settings
@@ -33,7 +34,9 @@ log = logging.getLogger(__name__)
 
 # Types a tenant's EHR refuses conditional create for; they are written with PUT to their identifier.
 QUIRK_NO_CONDITIONAL_CREATE = "no_conditional_create"
-KNOWN_QUIRKS = frozenset({QUIRK_NO_CONDITIONAL_CREATE})
+# How the batch Provenance is written: plain (default), conditional (on its batch tag) or off.
+QUIRK_PROVENANCE = "provenance"
+KNOWN_QUIRKS = frozenset({QUIRK_NO_CONDITIONAL_CREATE, QUIRK_PROVENANCE})
 
 
 def validate_quirks(quirks: Any) -> dict[str, Any]:
@@ -46,6 +49,8 @@ def validate_quirks(quirks: Any) -> dict[str, Any]:
     types = quirks.get(QUIRK_NO_CONDITIONAL_CREATE, [])
     if not isinstance(types, list) or not all(isinstance(t, str) and t.isalpha() for t in types):
         raise ValueError(f"{QUIRK_NO_CONDITIONAL_CREATE} must be a list of FHIR resource type names")
+    if quirks.get(QUIRK_PROVENANCE, "plain") not in PROVENANCE_MODES:
+        raise ValueError(f"{QUIRK_PROVENANCE} must be one of {', '.join(PROVENANCE_MODES)}")
     return quirks
 
 
@@ -56,6 +61,7 @@ class TenantRuntime:
     strategy: str
     put_types: frozenset[str]
     client: FhirClient
+    provenance: ProvenanceMode = "plain"
     device_ids: dict[str, str] = field(default_factory=dict)
     failures: int = 0
     paused_until: float = 0.0  # time.monotonic()
@@ -154,6 +160,7 @@ class TenantDirectory:
             raise ValueError(f"unknown write strategy {strategy!r}")
         quirks = validate_quirks(row.quirks or {})
         put_types = frozenset(quirks.get(QUIRK_NO_CONDITIONAL_CREATE, []))
+        provenance: ProvenanceMode = quirks.get(QUIRK_PROVENANCE, "plain")
         session = self.session_factory()
         auth: BackendTokenSource | None = None
         if row.backend_client_id:
@@ -199,4 +206,5 @@ class TenantDirectory:
             strategy=strategy,
             put_types=put_types,
             client=client,
+            provenance=provenance,
         )

@@ -143,6 +143,7 @@ class Worker:
             device_ids=runtime.device_ids,
             guard=keep_lease,
             known=known,
+            provenance=runtime.provenance,
         )
         started = time.perf_counter()
         written = writer.write(groups)

@@ -54,6 +54,12 @@ PROVENANCE_TAG_SYSTEM = f"{CANONICAL}/CodeSystem/delivery-batch"
 PARTICIPANT_TYPES = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
 DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
 STRATEGIES = ("transaction", "batch", "single")
+# How each batch's Provenance is written: a plain create (default: every EHR that takes Provenance
+# takes that; a batch repeated after a lost answer may then leave a second Provenance for the same
+# resources, never a second resource), a conditional create on its batch tag (EHRs that search
+# Provenance by ``_tag``), or not at all (EHRs that refuse Provenance writes).
+PROVENANCE_MODES = ("plain", "conditional", "off")
+ProvenanceMode = Literal["plain", "conditional", "off"]
 
 State = Literal["delivered", "rejected", "failed", "held"]
 
@@ -204,9 +210,15 @@ class Plan:
     """The entries for a list of groups under one tenant's quirks."""
 
     def __init__(
-        self, groups: Sequence[Group], put_types: frozenset[str], known: Mapping[str, str] | None = None
+        self,
+        groups: Sequence[Group],
+        put_types: frozenset[str],
+        known: Mapping[str, str] | None = None,
+        *,
+        provenance: ProvenanceMode = "plain",
     ) -> None:
         self.put_types = put_types
+        self.provenance_mode = provenance
         self.groups = list(groups)
         self.devices: dict[str, MappedResource] = {}
         self.items: list[Entry] = []
@@ -290,8 +302,15 @@ class Plan:
             entry.resource.pop("id", None)  # the EHR assigns ids to what it creates
         return entry
 
-    def provenance(self, device: MappedResource, targets: Sequence[str], key_items: Sequence[Item]) -> Entry:
-        """One Provenance naming the app Device as author of ``targets``; idempotent per batch content."""
+    def provenance(
+        self, device: MappedResource, targets: Sequence[str], key_items: Sequence[Item]
+    ) -> Entry | None:
+        """One Provenance naming the app Device as author of ``targets`` (None when the tenant says off).
+
+        Its tag is a digest of the batch's identifiers, so the same batch always carries the same tag.
+        """
+        if self.provenance_mode == "off":
+            return None
         digest = hashlib.sha256(
             "\n".join(sorted(f"{i.ident_system}|{i.ident_value}" for i in key_items)).encode()
         ).hexdigest()
@@ -314,6 +333,8 @@ class Plan:
         if "Provenance" in self.put_types:
             resource["id"] = digest
             return Entry("Provenance", urn, resource, "PUT", f"Provenance/{digest}", None)
+        if self.provenance_mode == "plain":
+            return Entry("Provenance", urn, resource, "POST", "Provenance", None)
         query = f"_tag={quote(PROVENANCE_TAG_SYSTEM, safe=':/.-_~')}|{digest}"
         return Entry("Provenance", urn, resource, "POST", "Provenance", query)
 
@@ -411,11 +432,13 @@ class TransactionWriter:
         put_types: frozenset[str],
         guard: Guard | None = None,
         known: Mapping[str, str] | None = None,
+        provenance: ProvenanceMode = "plain",
     ) -> None:
         self.client = client
         self.put_types = put_types
         self.guard = guard or (lambda: True)
         self.known = known
+        self.provenance = provenance
         self.requests = 0
 
     def write(self, groups: Sequence[Group]) -> dict[int, Written]:
@@ -429,7 +452,7 @@ class TransactionWriter:
                 for item in group.items:
                     results[item.id] = Written("held", message="lease ran short before this request")
             return
-        plan = Plan(groups, self.put_types, self.known)
+        plan = Plan(groups, self.put_types, self.known, provenance=self.provenance)
         entries = self._entries(plan)
         bundle = (
             b'{"resourceType":"Bundle","type":"transaction","entry":['
@@ -478,6 +501,8 @@ class TransactionWriter:
             if mine:
                 targets = [plan.fixed_refs.get(e.full_url, e.full_url) for e in mine]
                 provenance = plan.provenance(device, targets, [e.item for e in mine if e.item is not None])
+                if provenance is None:
+                    continue
                 if plan.fixed_refs:
                     _rewrite(provenance.resource, plan.fixed_refs)
                 entries.append(provenance)
@@ -514,9 +539,11 @@ class RoundsWriter:
         device_ids: dict[str, str] | None = None,
         guard: Guard | None = None,
         known: Mapping[str, str] | None = None,
+        provenance: ProvenanceMode = "plain",
     ) -> None:
         self.client = client
         self.known = known
+        self.provenance = provenance
         self.mode = mode
         self.put_types = put_types
         # Devices already in this EHR (urn -> Device/id), shared across batches of one tenant.
@@ -525,7 +552,7 @@ class RoundsWriter:
         self.requests = 0
 
     def write(self, groups: Sequence[Group]) -> dict[int, Written]:
-        plan = Plan(groups, self.put_types, self.known)
+        plan = Plan(groups, self.put_types, self.known, provenance=self.provenance)
         plan.link_dependencies()
         resolved: dict[str, str] = {}
         failed: dict[str, Written] = {}
@@ -638,6 +665,8 @@ class RoundsWriter:
             entry = plan.provenance(
                 device, [resolved[e.full_url] for e in mine], [e.item for e in mine if e.item is not None]
             )
+            if entry is None:
+                continue
             _rewrite(entry.resource, resolved)
             self.requests += 1
             try:
@@ -679,9 +708,10 @@ def make_writer(
     device_ids: dict[str, str],
     guard: Guard | None = None,
     known: Mapping[str, str] | None = None,
+    provenance: ProvenanceMode = "plain",
 ) -> Writer:
     if strategy == "transaction":
-        return TransactionWriter(client, put_types=put_types, guard=guard, known=known)
+        return TransactionWriter(client, put_types=put_types, guard=guard, known=known, provenance=provenance)
     if strategy in ("batch", "single"):
         return RoundsWriter(
             client,
@@ -690,5 +720,6 @@ def make_writer(
             device_ids=device_ids,
             guard=guard,
             known=known,
+            provenance=provenance,
         )
     raise ValueError(f"unknown write strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")

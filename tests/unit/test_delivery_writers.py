@@ -61,16 +61,27 @@ def test_references_to_resources_already_in_the_ehr_use_their_ids() -> None:
 
 def test_a_batch_provenance_is_the_same_for_the_same_batch_and_names_the_device() -> None:
     group = phq9_group()
-    plan = Plan([group], frozenset())
+    plan = Plan([group], frozenset(), provenance="conditional")
     device = group.device
     assert device is not None
     one = plan.provenance(device, ["urn:uuid:a"], group.items)
     two = plan.provenance(device, ["urn:uuid:a"], list(reversed(group.items)))
     other = plan.provenance(device, ["urn:uuid:a"], group.items[:1])
+    assert one is not None and two is not None and other is not None
     assert one.if_none_exist == two.if_none_exist != other.if_none_exist
     assert one.if_none_exist is not None and one.if_none_exist.startswith("_tag=")
     assert one.resource["agent"][0]["who"] == {"reference": device.full_url}
     assert one.resource["agent"][0]["type"]["coding"][0]["code"] == "author"
+
+
+def test_provenance_is_a_plain_create_by_default_and_can_be_switched_off() -> None:
+    group = phq9_group()
+    assert group.device is not None
+    plain = Plan([group], frozenset()).provenance(group.device, ["urn:uuid:a"], group.items)
+    assert plain is not None and (plain.method, plain.if_none_exist) == ("POST", None)
+    assert Plan([group], frozenset(), provenance="off").provenance(group.device, ["x"], group.items) is None
+    put = Plan([group], frozenset({"Provenance"})).provenance(group.device, ["x"], group.items)
+    assert put is not None and put.method == "PUT" and put.url.startswith("Provenance/")
 
 
 def test_identifier_queries_keep_the_system_one_token() -> None:

@@ -47,10 +47,11 @@ def test_ehr_add_list_update_remove(make_services: ServicesFactory, sqlite_url: 
     assert "batch" in listed and "20.0 rps" in listed
 
     updated = run(services, "ehr", "update", "general", "--write-strategy", "transaction", "--token-url",
-                  "https://auth.example.org/token")  # fmt: skip
+                  "https://auth.example.org/token", "--provenance", "conditional")  # fmt: skip
     assert updated.exit_code == 0, updated.output
     listed = run(services, "ehr", "list").output
     assert "https://auth.example.org/token" in listed and "transaction" in listed
+    assert '{"no_conditional_create":["QuestionnaireResponse"],"provenance":"conditional"}' in listed
 
     seed(services.db, "general", patient="p1", records=1)
     refused = CliRunner().invoke(cli, ["ehr", "remove", "general"], env=_env(services))

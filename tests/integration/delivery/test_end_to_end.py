@@ -8,11 +8,14 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 from sqlalchemy import select
 
+from auth.backend import BackendTokenSource
+from auth.keys import Keyring
 from fhir_bridge import create_app
 from fhir_bridge.delivery import Worker
 from fhir_bridge.delivery.writers import walk_references
@@ -21,6 +24,7 @@ from fhir_bridge.storage.models import OutboxItem, Record
 from mappings.identity import DEVICE_IDENTIFIER_SYSTEM, device_resource, full_url
 from tests.integration.delivery.conftest import CLIENT_ID, ServicesFactory, drain, pending
 from tests.support.outbox_seed import IDENT_SYSTEM, add_tenant, in_ehr, seed, seed_mapped
+from tests.support.sandbox import SandboxServer
 from tests.support.sekmet import SekmetServer
 
 pytestmark = [pytest.mark.ehr]
@@ -89,10 +93,12 @@ def test_records_arrive_once_with_references_device_and_provenance(
 def test_running_again_writes_nothing_twice(
     smart_ehr: SekmetServer, ehr_reader: FhirClient, make_services: ServicesFactory, database_url: str
 ) -> None:
-    """Re-queueing delivered resources (a replay) finds them already in the EHR: still one copy each."""
+    """Re-queueing delivered resources (a replay) finds them already in the EHR: still one copy each,
+    and with conditional Provenance (this server searches ``_tag``) not even a second Provenance."""
     services = make_services(database_url)
     tenant = f"t-replay-{services.db.dialect}"
-    add_tenant(services.db, tenant, smart_ehr.base_url, client_id=CLIENT_ID, quirks=QR_PUT)
+    quirks = {**QR_PUT, "provenance": "conditional"}
+    add_tenant(services.db, tenant, smart_ehr.base_url, client_id=CLIENT_ID, quirks=quirks)
     patient = f"p{uuid.uuid4().hex[:12]}"
     seeded = seed(services.db, tenant, patient=patient, records=6)
     worker = Worker(services)
@@ -106,6 +112,14 @@ def test_running_again_writes_nothing_twice(
         second = {i.id: i.ehr_id for i in session.scalars(select(OutboxItem))}
     assert second == first
     assert in_ehr(ehr_reader, patient) == Counter(seeded.items)
+    for resource_type, ehr_id in {(i.resource_type, i.ehr_id) for i in items_of(services, tenant)}:
+        provenances = ehr_reader.search("Provenance", [("target", f"{resource_type}/{ehr_id}")])
+        assert len(provenances.resources) == 1
+
+
+def items_of(services: Any, tenant: str) -> list[OutboxItem]:
+    with services.db.sessions() as session:
+        return list(session.scalars(select(OutboxItem).where(OutboxItem.tenant_id == tenant)))
 
 
 def test_the_embedded_worker_delivers_and_metrics_say_so(
@@ -191,3 +205,32 @@ def test_records_mapped_by_the_catalogue_arrive_as_mapped(
             "tags kept (patient-supplied)"
         )
     assert in_ehr(ehr_reader, patient) == Counter((m.resource_type, m.identifier_value) for m in mapped)
+
+
+def test_the_sandbox_ehr_takes_the_same_deliveries_without_quirks(
+    sandbox_server: SandboxServer, session_keys: Path, make_services: ServicesFactory, sqlite_url: str
+) -> None:
+    """Our own sandbox (the demo's EHR) behaves like a correct server: no quirks needed there. It also
+    checks that the patient exists, so the records are for one of its seeded patients."""
+    client_id = f"bridge-{uuid.uuid4().hex[:8]}"
+    sandbox_server.register(
+        client_id, auth_method="private_key_jwt", jwks=Keyring(session_keys).jwks(), scopes=["system/*.cruds"]
+    )
+    services = make_services(sqlite_url)
+    add_tenant(services.db, "sandbox", sandbox_server.fhir_base, client_id=client_id, scopes="system/*.cruds")
+    patient = "sbx-patient-6"
+    seeded = seed(services.db, "sandbox", patient=patient, records=10)
+    drain(Worker(services), "sandbox")
+    reader = FhirClient(
+        sandbox_server.fhir_base,
+        auth=BackendTokenSource(
+            client_id=client_id,
+            scopes="system/*.rs",
+            token_url=sandbox_server.token_url,
+            keyring=Keyring(session_keys),
+        ),
+    )
+    ours = set(seeded.items)  # other tests may write for the same seeded patient
+    assert Counter({k: n for k, n in in_ehr(reader, patient).items() if k in ours}) == Counter(seeded.items)
+    with services.db.sessions() as session:
+        assert {i.status for i in session.scalars(select(OutboxItem))} == {"delivered"}

@@ -76,14 +76,15 @@ class SekmetServer:
         config = self.root / "settings.yaml"
         # JSON is valid YAML; no YAML writer needed.
         config.write_text(json.dumps(self._settings()))
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [self.exe, "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=self.root,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        # The child keeps its own copy of the log file descriptor; ours is closed at once.
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [self.exe, "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(self.port)],
+                cwd=self.root,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         wait_until(lambda: port_open(self.port), timeout=60, what="sekmet FHIR server", proc=self.proc)
         wait_until(self._metadata_ok, timeout=60, what="sekmet FHIR server", proc=self.proc)
 

@@ -7,6 +7,10 @@ import sys
 
 BENCHMARKS = {
     "mapping": ("bench.bench_mapping", "map 10,000 native records to FHIR on one core (TARGETS.md row 1)"),
+    "delivery": (
+        "bench.bench_delivery",
+        "outbox -> sekmet resources/s next to prebuilt Bundles (TARGETS.md row 3)",
+    ),
     "push": ("bench.bench_push", "push API throughput per server CPU second, SQLite and PostgreSQL"),
     "dashboard": (
         "bench.bench_dashboard",

@@ -40,4 +40,9 @@ def create_app(config: Mapping[str, Any] | None = None, *, svc: services.Service
     import smart_app  # imported here: smart_app depends on fhir_bridge, not the other way round
 
     smart_app.init_app(app)
+    if settings.worker_embedded:
+        # Delivery in the same process (the single-machine default): daemon threads, see delivery.worker.
+        from fhir_bridge.delivery import BackgroundWorker
+
+        app.extensions["fhir_bridge.worker"] = BackgroundWorker(svc).start()
     return app

@@ -215,6 +215,451 @@ def keys_jwks(ctx: Context) -> None:
     click.echo(json.dumps(_keyring(ctx).jwks(), indent=2))
 
 
+# -- delivery: worker, ehr, outbox -------------------------------------------------------------
+
+
+def _database(ctx: Context) -> Any:
+    from fhir_bridge.storage import Database
+
+    return Database(ctx.settings.effective_database_url)
+
+
+def _require_current_schema(database: Any) -> None:
+    from fhir_bridge.storage import migrate
+
+    current, head = migrate.current_revision(database), migrate.head_revision()
+    if current != head:
+        raise click.ClickException(
+            f"the database schema is at {current or 'nothing'}, this version needs {head}: "
+            "run `fhir-bridge db upgrade` first"
+        )
+
+
+@cli.command()
+@click.option("--once", is_flag=True, help="Deliver until nothing is due, then exit (for cron or a test).")
+@click.option("--threads", type=click.IntRange(1, 32), help="Delivery loops (default: WORKER_THREADS).")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    help="Serve this worker's Prometheus metrics on 127.0.0.1:PORT (delivered, failures, EHR latency).",
+)
+@pass_ctx
+def worker(ctx: Context, once: bool, threads: int | None, metrics_port: int | None) -> None:
+    """Deliver queued resources to the EHRs until SIGTERM or SIGINT (the batch in hand is finished).
+
+    Any number of workers may run against one PostgreSQL database; on SQLite run one.
+    """
+    import signal
+    import threading
+
+    # Handlers first: a stop requested while we start up is honoured once the loop begins.
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            raise SystemExit(128 + signum)  # a second signal: stop now; leases cover the batch in hand
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+
+    from fhir_bridge.delivery import Worker
+    from fhir_bridge.ops import logs
+
+    settings = ctx.settings
+    logs.configure_logging(settings.log_level, settings.log_format)
+    services = ctx.services()
+    _require_current_schema(services.db)
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        from fhir_bridge.ops.metrics import registry_for
+
+        start_http_server(metrics_port, addr="127.0.0.1", registry=registry_for(services.db))
+    runner = Worker(services)
+    runner.stop = stop
+    if once:
+        while not stop.is_set() and runner.run_once():
+            pass
+        return
+    runner.run(threads=threads or settings.worker_threads)
+
+
+@cli.group()
+def ehr() -> None:
+    """The EHRs this service writes to (tenants): add, update, list, check, remove."""
+
+
+def _ehr_options(func: F) -> F:
+    options = [
+        click.option("--name", help="A name people recognise (default: the id)."),
+        click.option(
+            "--client-id", help="Our backend-services client id at this EHR (none: no token is sent)."
+        ),
+        click.option(
+            "--token-url",
+            help="Pin the EHR's token endpoint. Without it, it is discovered from "
+            "FHIR_BASE/.well-known/smart-configuration.",
+        ),
+        click.option("--scopes", help="Scopes to ask for (SMART v2, e.g. 'system/Observation.c')."),
+        click.option(
+            "--write-strategy",
+            type=click.Choice(["transaction", "batch", "single"]),
+            help="transaction (default): one atomic Bundle per batch; batch: a batch Bundle per round; "
+            "single: one request per resource, for EHRs without Bundle support.",
+        ),
+        click.option(
+            "--no-conditional-create",
+            "put_types",
+            help="Comma-separated resource types this EHR refuses If-None-Exist for; they are written "
+            "with PUT to their identifier instead (see docs/ehr-vendors.md).",
+        ),
+        click.option(
+            "--provenance",
+            type=click.Choice(["plain", "conditional", "off"]),
+            help="How each batch's Provenance is written: plain create (default), conditional create on "
+            "its batch tag (EHRs that search Provenance by _tag), or off (EHRs that refuse Provenance).",
+        ),
+        click.option(
+            "--max-rps", type=click.FloatRange(min=0.1), help="Most requests per second to this EHR."
+        ),
+        click.option("--max-concurrent", type=click.IntRange(1, 64), help="Most requests in flight at once."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _tenant_values(ctx: Context, fhir_base: str | None, **opts: Any) -> dict[str, Any]:
+    from auth.backend import UnsafeUrlError, require_secure_url
+
+    values: dict[str, Any] = {}
+    loopback = ctx.settings.allow_insecure_loopback
+    try:
+        if fhir_base is not None:
+            values["fhir_base_url"] = require_secure_url(
+                fhir_base.strip().rstrip("/"), allow_insecure_loopback=loopback, what="--fhir-base"
+            )
+        if opts.get("token_url"):
+            values["token_url"] = require_secure_url(
+                opts["token_url"].strip(), allow_insecure_loopback=loopback, what="--token-url"
+            )
+    except UnsafeUrlError as exc:
+        raise click.BadParameter(str(exc)) from None
+    simple = {
+        "name": "name",
+        "client_id": "backend_client_id",
+        "scopes": "backend_scopes",
+        "write_strategy": "write_strategy",
+        "max_rps": "max_requests_per_second",
+        "max_concurrent": "max_concurrent_requests",
+    }
+    for option, column in simple.items():
+        if opts.get(option) is not None:
+            values[column] = opts[option]
+    # Quirks are merged into what the EHR has (see `ehr update`); None removes one.
+    quirks: dict[str, Any] = {}
+    if opts.get("put_types") is not None:
+        types = [t.strip() for t in opts["put_types"].split(",") if t.strip()]
+        if not all(t.isalpha() and t[0].isupper() for t in types):
+            raise click.BadParameter("expected FHIR resource type names, e.g. QuestionnaireResponse")
+        quirks["no_conditional_create"] = types or None
+    if opts.get("provenance") is not None:
+        quirks["provenance"] = opts["provenance"]
+    if quirks:
+        values["quirks"] = quirks
+    return values
+
+
+def _merge_quirks(current: dict[str, Any] | None, changes: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(current or {})
+    merged.update(changes)
+    return {key: value for key, value in merged.items() if value is not None}
+
+
+DEFAULT_BACKEND_SCOPES = (
+    "system/Observation.c system/QuestionnaireResponse.c system/Device.c system/Provenance.c "
+    "system/Observation.rs system/Device.rs"
+)
+
+
+@ehr.command("add")
+@click.argument("tenant_id")
+@click.option("--fhir-base", required=True, help="The EHR's FHIR base URL (https).")
+@_ehr_options
+@pass_ctx
+def ehr_add(ctx: Context, tenant_id: str, fhir_base: str, **opts: Any) -> None:
+    """Connect an EHR: where its FHIR API is, and how we authenticate to write to it."""
+    import re
+
+    from sqlalchemy import select
+
+    from fhir_bridge.storage.models import Tenant
+
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", tenant_id):
+        raise click.BadParameter("use 1-64 lower-case letters, digits, '-' or '_'", param_hint="TENANT_ID")
+    values = _tenant_values(ctx, fhir_base, **opts)
+    values.setdefault("name", tenant_id)
+    values.setdefault("backend_scopes", DEFAULT_BACKEND_SCOPES)
+    database = _database(ctx)
+    try:
+        with database.transaction() as session:
+            if session.get(Tenant, tenant_id) is not None:
+                raise click.ClickException(
+                    f"an EHR with id {tenant_id!r} exists; use `fhir-bridge ehr update`"
+                )
+            clash = session.scalar(select(Tenant.id).where(Tenant.fhir_base_url == values["fhir_base_url"]))
+            if clash is not None:
+                raise click.ClickException(f"EHR {clash!r} already has FHIR base {values['fhir_base_url']}")
+            values["quirks"] = _merge_quirks({}, values.get("quirks", {}))
+            session.add(Tenant(id=tenant_id, **values))
+    finally:
+        database.dispose()
+    click.echo(f"EHR {tenant_id} added; check it with `fhir-bridge ehr check {tenant_id}`")
+
+
+@ehr.command("update")
+@click.argument("tenant_id")
+@click.option("--fhir-base", help="The EHR's FHIR base URL (https).")
+@click.option("--discover", is_flag=True, help="Forget a pinned token URL and use discovery again.")
+@click.option("--status", type=click.Choice(["active", "paused"]), help="paused: queue but do not deliver.")
+@_ehr_options
+@pass_ctx
+def ehr_update(
+    ctx: Context, tenant_id: str, fhir_base: str | None, discover: bool, status: str | None, **opts: Any
+) -> None:
+    """Change an EHR's settings; running workers pick the change up within seconds."""
+    from fhir_bridge.storage.models import Tenant
+
+    values = _tenant_values(ctx, fhir_base, **opts)
+    if discover:
+        values["token_url"] = None
+    if status:
+        values["status"] = status
+    if not values:
+        raise click.UsageError("nothing to change")
+    database = _database(ctx)
+    try:
+        with database.transaction() as session:
+            tenant = session.get(Tenant, tenant_id)
+            if tenant is None:
+                raise click.ClickException(f"no EHR with id {tenant_id!r}; see `fhir-bridge ehr list`")
+            for column, value in values.items():
+                if column == "quirks":
+                    value = _merge_quirks(tenant.quirks, value)
+                setattr(tenant, column, value)
+    finally:
+        database.dispose()
+    click.echo(f"EHR {tenant_id} updated: {', '.join(sorted(values))}")
+
+
+@ehr.command("list")
+@pass_ctx
+def ehr_list(ctx: Context) -> None:
+    """The connected EHRs and how each is written to."""
+    from sqlalchemy import select
+
+    from fhir_bridge.storage.models import Tenant
+
+    database = _database(ctx)
+    try:
+        with database.sessions() as session:
+            tenants = list(session.scalars(select(Tenant).order_by(Tenant.id)))
+    finally:
+        database.dispose()
+    if not tenants:
+        click.echo("no EHRs yet; add one with `fhir-bridge ehr add`")
+    for t in tenants:
+        quirks = json.dumps(t.quirks, separators=(",", ":")) if t.quirks else "-"
+        limits = f"{t.max_requests_per_second or '-'} rps, {t.max_concurrent_requests} at once"
+        click.echo(
+            f"{t.id}  [{t.status}]  {t.name}\n"
+            f"    FHIR base     {t.fhir_base_url}\n"
+            f"    client id     {t.backend_client_id or '- (no token sent)'}\n"
+            f"    token URL     {t.token_url or '(discovered)'}\n"
+            f"    scopes        {t.backend_scopes}\n"
+            f"    strategy      {t.write_strategy}   quirks {quirks}   limits {limits}"
+        )
+
+
+@ehr.command("check")
+@click.argument("tenant_id")
+@pass_ctx
+def ehr_check(ctx: Context, tenant_id: str) -> None:
+    """Try the connection: find the token endpoint, get a token, read the EHR's CapabilityStatement."""
+    from auth.backend import BackendTokenSource, TokenError
+    from fhir_bridge.delivery.tenants import TenantDirectory
+    from fhir_bridge.fhir_client import FhirError
+
+    services = ctx.services()
+    directory = TenantDirectory(services.db, services.keyring, ctx.settings)
+    directory.refresh(force=True)
+    runtime = directory.get(tenant_id)
+    if runtime is None:
+        problem = directory.problems().get(tenant_id, "no active EHR with that id")
+        raise click.ClickException(f"{tenant_id}: {problem}")
+    client = runtime.client
+    auth = client.auth
+    try:
+        if auth is not None:
+            assert isinstance(auth, BackendTokenSource)
+            click.echo(f"token endpoint  {auth.token_url}")
+            auth.token()
+            click.echo("access token    ok")
+        metadata = client.request("GET", "metadata").body or {}
+        software = (metadata.get("software") or {}).get("name", "?")
+        click.echo(f"FHIR server     ok ({metadata.get('fhirVersion', '?')}, {software})")
+    except (FhirError, TokenError) as exc:
+        raise click.ClickException(f"{tenant_id}: {exc}") from None
+
+
+@ehr.command("remove")
+@click.argument("tenant_id")
+@pass_ctx
+def ehr_remove(ctx: Context, tenant_id: str) -> None:
+    """Forget an EHR that has nothing queued, enrolled or delivered (purge its outbox first)."""
+    from sqlalchemy import func, select
+
+    from fhir_bridge.storage.models import Alert, Enrollment, OutboxItem, Tenant
+
+    database = _database(ctx)
+    try:
+        with database.transaction() as session:
+            tenant = session.get(Tenant, tenant_id)
+            if tenant is None:
+                raise click.ClickException(f"no EHR with id {tenant_id!r}")
+            counts = {
+                label: session.scalar(
+                    select(func.count()).select_from(model).where(model.tenant_id == tenant_id)
+                )
+                for label, model in (
+                    ("outbox items", OutboxItem),
+                    ("enrollments", Enrollment),
+                    ("alerts", Alert),
+                )
+            }
+            left = {label: n for label, n in counts.items() if n}
+            if left:
+                detail = ", ".join(f"{n} {label}" for label, n in left.items())
+                raise click.ClickException(
+                    f"EHR {tenant_id} still has {detail}; pause it with `fhir-bridge ehr update {tenant_id} "
+                    "--status paused`, or purge them first"
+                )
+            session.delete(tenant)
+    finally:
+        database.dispose()
+    click.echo(f"EHR {tenant_id} removed")
+
+
+@cli.group()
+def outbox() -> None:
+    """The delivery queue: status, retry dead letters, purge old items."""
+
+
+@outbox.command("status")
+@click.option("--tenant", help="Only this EHR.")
+@click.option(
+    "--dead",
+    "show_dead",
+    type=click.IntRange(0, 1000),
+    default=10,
+    show_default=True,
+    help="Show this many of the newest dead letters with the EHR's reason.",
+)
+@pass_ctx
+def outbox_status(ctx: Context, tenant: str | None, show_dead: int) -> None:
+    """How many items wait, are being written, were delivered or dead-lettered, per EHR."""
+    from datetime import UTC, datetime
+
+    from fhir_bridge.delivery import outbox as box
+    from fhir_bridge.fhir_client import outcome_text
+
+    database = _database(ctx)
+    try:
+        queues = box.status(database, tenant=tenant)
+        dead = box.dead_items(database, tenant=tenant, limit=show_dead) if show_dead else []
+    finally:
+        database.dispose()
+    if not queues:
+        click.echo("the outbox is empty")
+        return
+    now = datetime.now(UTC)
+    click.echo(
+        f"{'EHR':20} {'ready':>8} {'waiting':>8} {'sending':>8} {'delivered':>10} {'dead':>6}  oldest pending"
+    )
+    for q in queues:
+        age = _age(now - q.oldest_pending) if q.oldest_pending else "-"
+        nxt = f", next retry in {_age(q.next_attempt - now)}" if q.next_attempt else ""
+        counts = f"{q.ready:>8} {q.waiting:>8} {q.leased:>8} {q.delivered:>10} {q.dead:>6}"
+        click.echo(f"{q.tenant_id:20} {counts}  {age}{nxt}")
+    if dead:
+        click.echo("\nnewest dead letters (retry with `fhir-bridge outbox retry`):")
+        for d in dead:
+            reason = outcome_text(d.outcome, limit=200) or "-"
+            click.echo(
+                f"  #{d.id} {d.tenant_id} {d.resource_type}/{d.ident_value} after {d.attempts} attempt(s), "
+                f"HTTP {d.last_status or '-'}: {reason}"
+            )
+
+
+def _age(delta: Any) -> str:
+    seconds = max(0, int(delta.total_seconds()))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    if seconds < 172800:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 86400}d"
+
+
+@outbox.command("retry")
+@click.option("--tenant", help="Only this EHR's dead letters.")
+@click.option("--id", "item_ids", type=int, multiple=True, help="Only this item (repeatable).")
+@pass_ctx
+def outbox_retry(ctx: Context, tenant: str | None, item_ids: tuple[int, ...]) -> None:
+    """Queue dead letters again with a fresh attempt budget (whole records go back together)."""
+    from fhir_bridge.delivery import outbox as box
+
+    database = _database(ctx)
+    try:
+        count = box.retry_dead(database, tenant=tenant, item_ids=item_ids)
+    finally:
+        database.dispose()
+    click.echo(f"requeued {count} item(s)")
+
+
+@outbox.command("purge")
+@click.option("--older-than", "days", type=click.FloatRange(min=0), required=True, help="Age in days.")
+@click.option("--delivered", is_flag=True, help="Purge delivered items (their copy is in the EHR).")
+@click.option("--dead", is_flag=True, help="Purge dead letters (they will never be delivered).")
+@click.option("--tenant", help="Only this EHR.")
+@click.option("--yes", is_flag=True, help="Do it without asking.")
+@pass_ctx
+def outbox_purge(
+    ctx: Context, days: float, delivered: bool, dead: bool, tenant: str | None, yes: bool
+) -> None:
+    """Delete old delivered and/or dead items: their bodies are patient data we no longer need."""
+    from fhir_bridge.delivery import outbox as box
+
+    statuses = [s for s, on in (("delivered", delivered), ("dead", dead)) if on]
+    if not statuses:
+        raise click.UsageError("say what to purge: --delivered and/or --dead")
+    if not yes:
+        click.confirm(
+            f"Delete {' and '.join(statuses)} items older than {days:g} day(s)"
+            + (f" of {tenant}" if tenant else "")
+            + "?",
+            abort=True,
+        )
+    database = _database(ctx)
+    try:
+        count = box.purge(database, statuses=statuses, older_than=timedelta(days=days), tenant=tenant)
+    finally:
+        database.dispose()
+    click.echo(f"purged {count} item(s)")
+
+
 # -- config -----------------------------------------------------------------------------------
 
 

@@ -257,6 +257,31 @@ SPECS: tuple[Spec, ...] = (
         "Delivery attempts before an item is dead-lettered.",
     ),
     Spec(
+        "WORKER_LEASE_SECONDS",
+        300,
+        _int_between(1, 86400),
+        "How long a worker holds claimed outbox items; a worker that dies releases them when it ends. "
+        "Keep it well above HTTP_TIMEOUT_SECONDS.",
+    ),
+    Spec(
+        "WORKER_RETRY_BASE_SECONDS",
+        5.0,
+        _float_between(0.01, 3600.0),
+        "First pause before a failed delivery is retried; it doubles with each attempt (with jitter).",
+    ),
+    Spec(
+        "WORKER_RETRY_MAX_SECONDS",
+        3600.0,
+        _float_between(0.1, 86400.0),
+        "Longest pause between delivery attempts (and longest Retry-After honoured).",
+    ),
+    Spec(
+        "WORKER_THREADS",
+        2,
+        _int_between(1, 32),
+        "Delivery loops per worker process (one claims while another waits for the EHR).",
+    ),
+    Spec(
         "HTTP_TIMEOUT_SECONDS",
         30.0,
         _float_between(1.0, 600.0),
@@ -311,6 +336,10 @@ class Settings:
     worker_batch_size: int
     worker_poll_seconds: float
     worker_max_attempts: int
+    worker_lease_seconds: int
+    worker_retry_base_seconds: float
+    worker_retry_max_seconds: float
+    worker_threads: int
     http_timeout_seconds: float
     item_text_file: Path | None
     future_tolerance_seconds: int

@@ -1,0 +1,339 @@
+"""The outbox worker: claim groups, write them to their EHR, record what happened, repeat.
+
+It runs as `fhir-bridge worker` (until SIGTERM/SIGINT; the batch in hand is finished first) or as a
+background thread of the web service when ``WORKER_EMBEDDED`` is on. Any number of workers may run
+against one database: claims are leased (see :mod:`fhir_bridge.delivery.outbox`), and writes are
+conditional, so a worker killed at any instant leaves nothing half-done that a repeat cannot fix.
+
+Retry policy, per item: a temporary failure is retried after ``WORKER_RETRY_BASE_SECONDS`` doubling
+per attempt up to ``WORKER_RETRY_MAX_SECONDS`` (equal jitter, and never before a ``Retry-After``);
+after ``WORKER_MAX_ATTEMPTS`` attempts, or at once on a permanent refusal, the item is dead-lettered
+with the EHR's OperationOutcome. A try counts as an attempt only when the request may have reached
+the EHR: an EHR that is switched off, or a token endpoint that is down, delays the queue but never
+dead-letters it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import random
+import secrets
+import socket
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from fhir_bridge.delivery import outbox
+from fhir_bridge.delivery.outbox import Claim, Item, Result, Vendor
+from fhir_bridge.delivery.tenants import TenantDirectory, TenantRuntime
+from fhir_bridge.delivery.writers import Group, Written, make_outcome, make_writer
+from fhir_bridge.ops import metrics
+from fhir_bridge.services import Services
+from fhir_bridge.storage.models import utcnow
+from mappings import MappedResource
+from mappings.identity import device_resource, full_url
+
+log = logging.getLogger(__name__)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()[:80]}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+@dataclass(frozen=True)
+class Policy:
+    batch_size: int
+    lease_seconds: float
+    poll_seconds: float
+    max_attempts: int
+    retry_base: float
+    retry_cap: float
+
+    @classmethod
+    def from_services(cls, services: Services) -> Policy:
+        s = services.settings
+        return cls(
+            batch_size=s.worker_batch_size,
+            lease_seconds=float(s.worker_lease_seconds),
+            poll_seconds=s.worker_poll_seconds,
+            max_attempts=s.worker_max_attempts,
+            retry_base=s.worker_retry_base_seconds,
+            retry_cap=s.worker_retry_max_seconds,
+        )
+
+    def backoff(self, attempts: int) -> float:
+        """Pause after the ``attempts``-th failed attempt: exponential, capped, equal jitter."""
+        ceiling = min(self.retry_cap, self.retry_base * 2.0 ** max(0, attempts - 1))
+        return ceiling * random.uniform(0.5, 1.0)  # noqa: S311
+
+
+class Worker:
+    """One delivery loop (or several, sharing tenant runtimes and token caches, with ``threads``)."""
+
+    def __init__(
+        self,
+        services: Services,
+        *,
+        name: str | None = None,
+        policy: Policy | None = None,
+        directory: TenantDirectory | None = None,
+    ) -> None:
+        self.services = services
+        self.db = services.db
+        self.name = name or worker_name()
+        self.policy = policy or Policy.from_services(services)
+        self.directory = directory or TenantDirectory(services.db, services.keyring, services.settings)
+        self.stop = threading.Event()
+
+    # -- one batch ------------------------------------------------------------------------------
+
+    def run_once(self, *, loop: int = 0) -> int:
+        """Claim and deliver one batch; returns how many items it handled (0: nothing was due)."""
+        tenants = self.directory.deliverable()
+        if not tenants:
+            return 0
+        claim = outbox.claim(
+            self.db,
+            worker=f"{self.name}/{loop}",
+            limit=self.policy.batch_size,
+            lease_seconds=self.policy.lease_seconds,
+            tenants=tenants,
+        )
+        if not claim.items:
+            return 0
+        for tenant_id, items in claim.by_tenant().items():
+            self._deliver(claim, tenant_id, items)
+        return len(claim.items)
+
+    def _deliver(self, claim: Claim, tenant_id: str, items: list[Item]) -> None:
+        runtime = self.directory.get(tenant_id)
+        now = utcnow()
+        if runtime is None or runtime.paused():
+            outbox.record(
+                self.db,
+                claim.worker,
+                [Result(i.id, "release", attempted=False, next_attempt_at=now) for i in items],
+            )
+            return
+        groups = self._groups(claim, items)
+        ids = [item.id for item in items]
+
+        def keep_lease() -> bool:
+            left = (claim.lease_until - utcnow()).total_seconds()
+            if left > self.policy.lease_seconds / 2:
+                return True
+            return outbox.extend_lease(self.db, claim, ids, self.policy.lease_seconds)
+
+        known = {
+            full_url(system, value): f"{resource_type}/{ehr_id}"
+            for (tenant, resource_type, system, value), ehr_id in claim.delivered.items()
+            if tenant == tenant_id
+        }
+        writer = make_writer(
+            runtime.strategy,
+            runtime.client,
+            put_types=runtime.put_types,
+            device_ids=runtime.device_ids,
+            guard=keep_lease,
+            known=known,
+            provenance=runtime.provenance,
+        )
+        started = time.perf_counter()
+        written = writer.write(groups)
+        elapsed = time.perf_counter() - started
+        results = self._results(runtime, items, written, elapsed)
+        stored = outbox.record(self.db, claim.worker, results)
+        fates = Counter(r.fate for r in results)
+        if stored < len(results):
+            log.warning(
+                "lease lost before results were recorded; another worker repeats these",
+                extra={"tenant": tenant_id, "count": len(results) - stored, "worker": claim.worker},
+            )
+        metrics.DELIVERED.labels(tenant_id).inc(fates["delivered"])
+        log.info(
+            "batch written",
+            extra={
+                "tenant": tenant_id,
+                "outbox_items": len(items),
+                "delivered": fates["delivered"],
+                "failed": fates["retry"] + fates["release"],
+                "dead": fates["dead"],
+                "seconds": round(elapsed, 3),
+                "worker": claim.worker,
+            },
+        )
+
+    def _groups(self, claim: Claim, items: Sequence[Item]) -> list[Group]:
+        groups: OrderedDict[str, Group] = OrderedDict()
+        devices: dict[Vendor, MappedResource] = {}
+        for item in items:
+            group = groups.get(item.group_key)
+            if group is None:
+                vendor = claim.vendors.get(item.record_id) if item.record_id is not None else None
+                device = None
+                if vendor is not None:
+                    device = devices.get(vendor)
+                    if device is None:
+                        device = devices[vendor] = device_resource(vendor.client_id, vendor.name)
+                group = groups[item.group_key] = Group(item.group_key, [], device)
+            group.items.append(item)
+        return list(groups.values())
+
+    def _results(
+        self, runtime: TenantRuntime, items: Sequence[Item], written: dict[int, Written], elapsed: float
+    ) -> list[Result]:
+        now = utcnow()
+        per_item_ms = int(elapsed * 1000 / max(1, len(items)))
+        # Did the EHR as a whole fail (rather than one resource)? Then pause this tenant here.
+        outcomes = [written.get(item.id) for item in items]
+        failures = [w for w in outcomes if w is not None and w.state == "failed"]
+        ehr_wide = [w for w in failures if not w.reached or w.auth_problem or w.status in {429, 503}]
+        pause_until: datetime | None = None
+        if ehr_wide or (failures and len(failures) == len(items)):
+            retry_after = max((w.retry_after or 0.0 for w in failures), default=0.0) or None
+            pause = runtime.trip(
+                base=self.policy.retry_base, cap=self.policy.retry_cap, retry_after=retry_after
+            )
+            pause_until = now + timedelta(seconds=pause)
+            kind = (
+                "auth"
+                if any(w.auth_problem for w in ehr_wide)
+                else "unreachable"
+                if ehr_wide
+                else "temporary"
+            )
+            log.warning(
+                "EHR failing; pausing delivery to it",
+                extra={"tenant": runtime.tenant_id, "error_code": kind, "seconds": round(pause, 1)},
+            )
+        elif any(w is not None and w.state == "delivered" for w in outcomes):
+            runtime.reset()
+
+        results: list[Result] = []
+        for item, w in zip(items, outcomes, strict=True):
+            if w is None:
+                w = Written("held", message="not handled")
+            results.append(self._result(item, w, now, pause_until, per_item_ms, runtime.tenant_id))
+        return results
+
+    def _result(
+        self,
+        item: Item,
+        w: Written,
+        now: datetime,
+        pause_until: datetime | None,
+        duration_ms: int,
+        tenant_id: str,
+    ) -> Result:
+        if w.state == "delivered":
+            return Result(
+                item.id,
+                "delivered",
+                ehr_id=w.ehr_id,
+                ehr_version=w.ehr_version,
+                http_status=w.status,
+                duration_ms=duration_ms,
+            )
+        if w.state == "held":
+            return Result(item.id, "release", attempted=False, next_attempt_at=now, error=None)
+        if w.state == "rejected":
+            metrics.DELIVERY_FAILURES.labels(tenant_id, "rejected").inc()
+            return Result(
+                item.id,
+                "dead",
+                http_status=w.status,
+                error=w.message,
+                outcome=w.outcome or make_outcome(w.message or "refused by the EHR"),
+                duration_ms=duration_ms,
+            )
+        # Temporary failure.
+        attempts = item.attempts + (1 if w.reached else 0)
+        kind = "auth" if w.auth_problem else ("temporary" if w.reached else "unreachable")
+        metrics.DELIVERY_FAILURES.labels(tenant_id, kind).inc()
+        if w.reached and attempts >= self.policy.max_attempts:
+            message = f"gave up after {attempts} attempts; last: {w.message}"
+            return Result(
+                item.id,
+                "dead",
+                attempted=True,
+                http_status=w.status,
+                error=message,
+                outcome=make_outcome(message, extra=w.outcome),
+                duration_ms=duration_ms,
+            )
+        delay = self.policy.backoff(attempts) if w.reached else 0.0
+        due = now + timedelta(seconds=max(delay, min(w.retry_after or 0.0, self.policy.retry_cap)))
+        if pause_until is not None:
+            due = max(due, pause_until)
+        return Result(
+            item.id,
+            "retry",
+            attempted=w.reached,
+            http_status=w.status,
+            error=w.message,
+            outcome=w.outcome,
+            next_attempt_at=due,
+            duration_ms=duration_ms,
+        )
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self, *, threads: int = 1) -> None:
+        """Deliver until :attr:`stop` is set; each loop finishes the batch it holds before returning."""
+        log.info("delivery worker started", extra={"worker": self.name, "count": threads})
+        loops = [
+            threading.Thread(target=self._loop, args=(n,), name=f"delivery-{n}", daemon=True)
+            for n in range(1, threads)
+        ]
+        for thread in loops:
+            thread.start()
+        self._loop(0)
+        for thread in loops:
+            thread.join()
+        log.info("delivery worker stopped", extra={"worker": self.name})
+
+    def _loop(self, number: int) -> None:
+        # Stagger the loops so they do not claim in step.
+        if number:
+            self.stop.wait(self.policy.poll_seconds * number / 2)
+        while not self.stop.is_set():
+            try:
+                handled = self.run_once(loop=number)
+            except SQLAlchemyError as exc:
+                # The database is down or busy: nothing is lost (the outbox is the database); wait.
+                log.error("outbox unavailable", extra={"exception": type(exc).__name__, "worker": self.name})
+                self.stop.wait(max(self.policy.poll_seconds, 5.0))
+                continue
+            if handled == 0:
+                self.stop.wait(self.policy.poll_seconds)
+
+
+class BackgroundWorker:
+    """The embedded worker: the delivery loops on daemon threads inside the web process."""
+
+    def __init__(self, services: Services) -> None:
+        self.worker = Worker(services)
+        self.thread = threading.Thread(
+            target=self.worker.run,
+            kwargs={"threads": services.settings.worker_threads},
+            name="delivery-embedded",
+            daemon=True,
+        )
+
+    def start(self) -> BackgroundWorker:
+        self.thread.start()
+        atexit.register(self.shutdown)
+        return self
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop after the batches in hand are recorded (bounded: a lease expiry covers the rest)."""
+        self.worker.stop.set()
+        wait = timeout if timeout is not None else min(30.0, self.worker.policy.lease_seconds)
+        self.thread.join(wait)

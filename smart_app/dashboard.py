@@ -14,7 +14,7 @@ import hashlib
 import logging
 import re
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -69,33 +69,6 @@ def page(launch_id: str) -> str:
 
 
 # -- reading the EHR --------------------------------------------------------------------------
-
-
-class _Retrying:
-    """Wraps a reader so a 401 refreshes the token once and repeats the call (F9)."""
-
-    def __init__(self, ctx: LaunchContext, make: ReaderFactory) -> None:
-        self.ctx = ctx
-        self.make = make
-
-    def search(self, resource_type: str, params: Mapping[str, str]) -> Iterator[Mapping[str, Any]]:
-        try:
-            pages = list(self.make(self.ctx).search(resource_type, params))
-        except EhrReadError as exc:
-            if not exc.unauthorized:
-                raise
-            launch_session.invalidate(self.ctx)
-            pages = list(self.make(self.ctx).search(resource_type, params))
-        yield from pages
-
-    def read(self, resource_type: str, resource_id: str) -> Mapping[str, Any]:
-        try:
-            return self.make(self.ctx).read(resource_type, resource_id)
-        except EhrReadError as exc:
-            if not exc.unauthorized:
-                raise
-            launch_session.invalidate(self.ctx)
-            return self.make(self.ctx).read(resource_type, resource_id)
 
 
 def _problem(panel: str, what: str, exc: EhrReadError) -> dict[str, Any]:
@@ -257,7 +230,7 @@ def data(launch_id: str, make_reader: ReaderFactory) -> Response:
     ctx = launch_session.load(launch_id)
     # A token check up front: an expired session is one clear answer, not four failed panels.
     launch_session.access_token(ctx)
-    return json_response(build_summary(ctx, _Retrying(ctx, make_reader)))
+    return json_response(build_summary(ctx, make_reader(ctx)))
 
 
 # -- actions ----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from joserfc.jwk import RSAKey
 from fhir_bridge import services
 from fhir_bridge.storage.models import Tenant
 from tests.conftest import AppFactory
-from tests.support.fake_ehr import BASE, CLIENT_ID, FakeEhr, requests_reader_factory
+from tests.support.fake_ehr import BASE, CLIENT_ID, FakeEhr
 
 PUBLIC = "https://bridge.example.org"
 EHR_ORIGIN = "https://ehr.example.com"
@@ -42,7 +42,6 @@ def add_tenant(app: Flask, tenant_id: str = "t1", **fields: Any) -> None:
 @pytest.fixture
 def smart(make_app: AppFactory) -> Flask:
     app = make_app(PUBLIC_URL=PUBLIC)
-    app.extensions["smart_app.reader_factory"] = requests_reader_factory
     add_tenant(app)
     return app
 

@@ -747,32 +747,6 @@ def validate_id_token(
     )
 
 
-def client_assertion_claims(
-    *, client_id: str, token_url: str, now: int, lifetime: int = 240
-) -> dict[str, Any]:
-    """Claims of a ``private_key_jwt`` assertion: fresh ``jti``, ``aud`` = the exact token URL, short life."""
-    return {
-        "iss": client_id,
-        "sub": client_id,
-        "aud": token_url,
-        "iat": now,
-        "exp": now + lifetime,
-        "jti": secrets.token_urlsafe(24),
-    }
-
-
-def sign_client_assertion(key: Any, *, kid: str, alg: str, client_id: str, token_url: str, now: int) -> str:
-    """A ``private_key_jwt`` client assertion (client-confidential-asymmetric): RS384/ES384, ``kid``, 4 min.
-
-    Built per call, so every assertion has its own ``jti`` (Authlib's ``PrivateKeyJWT`` reuses the
-    first one when given a claims dict, and defaults to a one-hour lifetime; see checklist 1.4).
-    """
-    if alg not in {"RS384", "ES384"}:
-        raise ValueError("SMART asymmetric client authentication signs with RS384 or ES384")
-    claims = client_assertion_claims(client_id=client_id, token_url=token_url, now=now)
-    return jwt.encode({"alg": alg, "kid": kid, "typ": "JWT"}, claims, key, algorithms=[alg])
-
-
 __all__ = [
     "DEFAULT_RESOURCE_SCOPES",
     "DiscoveryCache",
@@ -789,7 +763,6 @@ __all__ = [
     "can_read",
     "check_endpoint_url",
     "clamp_expires_in",
-    "client_assertion_claims",
     "digest",
     "discovery_url",
     "exchange_code",
@@ -802,6 +775,5 @@ __all__ = [
     "refresh_tokens",
     "relative_fhir_user",
     "resolve_configuration",
-    "sign_client_assertion",
     "validate_id_token",
 ]

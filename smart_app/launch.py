@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -24,6 +23,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 from werkzeug.wrappers import Response as BaseResponse
 
+from auth import backend
 from auth import smart_launch as sl
 from fhir_bridge import audit, services
 from fhir_bridge.errors import BridgeError, Forbidden
@@ -378,14 +378,9 @@ def callback(tenant_id: str) -> BaseResponse:
 def client_assertion(tenant: Tenant, token_url: str) -> str | None:
     if tenant.smart_client_auth != "private_key_jwt":
         return None
-    entry = services.current().keyring.signing_key()
-    return sl.sign_client_assertion(
-        entry.key,
-        kid=entry.kid,
-        alg=entry.alg,
-        client_id=str(tenant.smart_client_id),
-        token_url=token_url,
-        now=int(time.time()),
+    # The same assertion as the backend-services writer: fresh jti, aud = this token URL, <= 5 min.
+    return backend.client_assertion(
+        services.current().keyring, client_id=str(tenant.smart_client_id), token_url=token_url
     )
 
 

@@ -15,9 +15,9 @@ import os
 import re
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ import requests
 from joserfc.jwk import RSAKey
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-from auth.smart_launch import sign_client_assertion
+from auth.backend import sign_assertion
+from auth.keys import KeyEntry
 from tests.support.browser import axe_violations, chromium_context, require_chromium, screenshot
 from tests.support.procs import free_port, port_open, stop, wait_until
 from tests.support.sandbox import SandboxServer
@@ -228,9 +229,7 @@ def _register_tenant(instance: Path, bridge_url: str, fhir_base: str, ehr_url: s
 def _writer_token(fhir_base: str, client_id: str, key: RSAKey) -> str:
     config = requests.get(f"{fhir_base}/.well-known/smart-configuration", timeout=10).json()
     token_url = config["token_endpoint"]
-    assertion = sign_client_assertion(
-        key, kid="writer-1", alg="RS384", client_id=client_id, token_url=token_url, now=int(time.time())
-    )
+    assertion = sign_assertion(_entry(key), client_id=client_id, token_url=token_url)
     response = requests.post(
         token_url,
         data={
@@ -243,6 +242,11 @@ def _writer_token(fhir_base: str, client_id: str, key: RSAKey) -> str:
     )
     response.raise_for_status()
     return str(response.json()["access_token"])
+
+
+def _entry(key: RSAKey) -> KeyEntry:
+    now = datetime.now(UTC)
+    return KeyEntry(key=key, alg="RS384", created_at=now, activates_at=now)
 
 
 def _put(fhir_base: str, token: str, resource: dict[str, Any]) -> None:
@@ -357,9 +361,7 @@ def test_the_dashboard_never_shows_another_patients_resource_the_ehr_slips_in(cl
 
 def _vendor_token(bridge_url: str, key: RSAKey) -> str:
     token_url = f"{bridge_url}/oauth/token"
-    assertion = sign_client_assertion(
-        key, kid="vendor-1", alg="RS384", client_id=VENDOR, token_url=token_url, now=int(time.time())
-    )
+    assertion = sign_assertion(_entry(key), client_id=VENDOR, token_url=token_url)
     response = requests.post(
         token_url,
         data={

@@ -19,7 +19,7 @@ from auth import smart_launch as sl
 from fhir_bridge import services
 from fhir_bridge.storage.models import Alert, OutboxItem, SmartLaunch
 from smart_app import summary
-from tests.support.fake_ehr import BASE, TOKEN, FakeEhr, observation
+from tests.support.fake_ehr import BASE, FakeEhr, observation
 from tests.unit.smart.conftest import PUBLIC, add_tenant, calls, full_launch
 
 OURS = summary.OUR_CODES
@@ -340,8 +340,3 @@ def test_pkce_pair_is_s256_of_the_verifier() -> None:
         challenge
         == base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
     )
-
-
-def test_token_url_is_the_assertion_audience() -> None:
-    claims = sl.client_assertion_claims(client_id="c", token_url=TOKEN, now=1000)
-    assert claims["aud"] == TOKEN and claims["exp"] - claims["iat"] <= 300

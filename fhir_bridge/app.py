@@ -36,6 +36,10 @@ def create_app(config: Mapping[str, Any] | None = None, *, svc: services.Service
         metrics.init_app(app, svc.db)
     app.register_blueprint(health.bp)
     api.init_app(app)
+
+    import smart_app  # imported here: smart_app depends on fhir_bridge, not the other way round
+
+    smart_app.init_app(app)
     if settings.worker_embedded:
         # Delivery in the same process (the single-machine default): daemon threads, see delivery.worker.
         from fhir_bridge.delivery import BackgroundWorker

@@ -136,6 +136,8 @@ def _surface() -> str:
         ("/api/", "/oauth/", "/.well-known/", "/metrics", "/healthz", "/readyz", "/cds-services")
     ):
         return "json"
+    if path.startswith("/app/") and "/api/" in path:  # the SMART dashboard's own JSON calls
+        return "json"
     return "html"
 
 

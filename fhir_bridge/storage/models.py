@@ -341,6 +341,69 @@ class SchedulerLease(Base):
     last_run_at: Mapped[datetime | None] = mapped_column()
 
 
+# -- SMART app (issue 6): pending authorizations and completed launches ------------------------
+
+
+class SmartFlow(Base):
+    """A pending authorization request, created by a launch and consumed exactly once by the callback.
+
+    The ``state`` value itself is never stored, only its SHA-256, so a database read cannot be turned
+    into a forged callback. The row binds the state to the browser session that started the flow and
+    to everything the callback must reuse (tenant, endpoints, redirect URI, PKCE verifier, nonce).
+    """
+
+    __tablename__ = "smart_flows"
+
+    state_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    browser_hash: Mapped[str] = mapped_column(String(64), index=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    # ehr | standalone
+    kind: Mapped[str] = mapped_column(String(16))
+    launch_param: Mapped[str | None] = mapped_column(String(2048))
+    redirect_uri: Mapped[str] = mapped_column(String(2048))
+    authorize_url: Mapped[str] = mapped_column(String(2048))
+    token_url: Mapped[str] = mapped_column(String(2048))
+    issuer: Mapped[str | None] = mapped_column(String(2048))
+    jwks_uri: Mapped[str | None] = mapped_column(String(2048))
+    scope: Mapped[str] = mapped_column(Text)
+    verifier_enc: Mapped[bytes] = mapped_column(LargeBinary)
+    nonce: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class SmartLaunch(Base):
+    """A completed launch: the context it grants and the clinician's tokens, encrypted at rest.
+
+    The browser knows only the launch ``id`` (in the dashboard's URL) and its session cookie; every
+    dashboard request must present both, so two launches in two tabs never share a patient.
+    """
+
+    __tablename__ = "smart_launches"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    browser_hash: Mapped[str] = mapped_column(String(64), index=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    patient_id: Mapped[str] = mapped_column(String(64))
+    encounter_id: Mapped[str | None] = mapped_column(String(64))
+    # The clinician: (tenant issuer, sub) when an id_token was validated, else the token's fhirUser.
+    user_key: Mapped[str | None] = mapped_column(String(512))
+    fhir_user: Mapped[str | None] = mapped_column(String(255))
+    scope: Mapped[str] = mapped_column(Text)
+    token_url: Mapped[str] = mapped_column(String(2048))
+    access_token_enc: Mapped[bytes] = mapped_column(LargeBinary)
+    refresh_token_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
+    access_expires_at: Mapped[datetime] = mapped_column()
+    need_patient_banner: Mapped[bool] = mapped_column(default=True)
+    # active -> needs-relaunch (refresh failed) | ended
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    # Bumped on every refresh, so a process that lost the refresh race can tell.
+    token_version: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
 __all__ = [
     "Alert",
     "AuditEvent",
@@ -351,6 +414,8 @@ __all__ = [
     "PairingAttempt",
     "Record",
     "SchedulerLease",
+    "SmartFlow",
+    "SmartLaunch",
     "Submission",
     "Tenant",
     "UsedAssertion",

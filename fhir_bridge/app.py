@@ -9,6 +9,7 @@ from flask import Flask
 
 from fhir_bridge import api, errors, services
 from fhir_bridge.ops import health, logs, metrics
+from fhir_bridge.rules import engine as rules_engine
 from fhir_bridge.settings import load_settings
 
 
@@ -28,6 +29,7 @@ def create_app(config: Mapping[str, Any] | None = None, *, svc: services.Service
         JSON_SORT_KEYS=False,
     )
     services.install(app.extensions, svc)
+    rules_engine.check_rules(settings.rules_dir)  # likewise every rule file (file and field named)
     catalog_for(settings)  # every mapping spec is checked now: a bad one stops start-up with file and line
 
     logs.init_app(app)

@@ -31,10 +31,11 @@ from sqlalchemy.orm import Session
 from fhir_bridge.catalog import catalog_for
 from fhir_bridge.enrollment import APP_USER_ID, active_by_app_user
 from fhir_bridge.errors import BadRequest, Conflict
+from fhir_bridge.rules.engine import on_accepted
 from fhir_bridge.settings import Settings
 from fhir_bridge.storage import Database
 from fhir_bridge.storage.models import Enrollment, OutboxItem, Record, Submission, VendorClient
-from mappings import Catalog, MappedResource, MappingContext
+from mappings import Catalog, MappedResource, MappingContext, Measurement
 from mappings.identity import device_full_url
 
 RECORD_ID = r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}"
@@ -109,6 +110,8 @@ class Prepared:
     measure: str
     enrollment: Enrollment
     resources: Sequence[MappedResource]
+    # The numbers the record carried (the rules' ledger, fhir_bridge.rules).
+    measurements: Sequence[Measurement] = ()
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,7 @@ class Mapper:
         data: dict[str, Any],
         patient_id: str,
         now: datetime,
-    ) -> tuple[Sequence[MappedResource], list[Problem]]:
+    ) -> tuple[Sequence[MappedResource], list[Problem], Sequence[Measurement]]:
 
         result = self.catalog.map(
             measure,
@@ -214,7 +217,7 @@ class Mapper:
             ),
         )
         problems = [Problem(r.code, _data_path(r.field), r.message) for r in result.rejections]
-        return result.resources, problems
+        return result.resources, problems, result.measurements
 
 
 def _data_path(field_name: str) -> str:
@@ -388,7 +391,7 @@ def _evaluate(
         if enrollment is None:
             result.errors.append(Problem("not-enrolled", "app_user_id", NOT_ENROLLED))
             continue
-        resources, problems = mapper.map(
+        resources, problems, measurements = mapper.map(
             vendor=vendor,
             record_id=record_id,
             measure=rec["measure"],
@@ -401,7 +404,7 @@ def _evaluate(
             continue
         result.status, result.id = "accepted", str(uuid.uuid4())
         seen_in_batch[record_id] = result
-        prepared.append(Prepared(result, record_id, rec["measure"], enrollment, resources))
+        prepared.append(Prepared(result, record_id, rec["measure"], enrollment, resources, measurements))
     return results, prepared
 
 
@@ -457,6 +460,8 @@ def write_accepted(
             for res in p.resources
         ],
     )
+    # Rules (issue 8): the measurement ledger and rule evaluation, in this same transaction.
+    on_accepted(session, prepared, now)
 
 
 __all__ = ["Mapper", "Outcome", "Prepared", "Problem", "Result", "Work", "push", "submit", "write_accepted"]

@@ -295,6 +295,20 @@ SPECS: tuple[Spec, ...] = (
         "see mappings/README.md. Empty: the shipped labels.",
     ),
     Spec(
+        "RULES_DIR",
+        "",
+        _optional_path,
+        "Folder of rule files overriding the shipped defaults (fhir_bridge/rules/defaults): `*.yaml` "
+        "for every tenant, `<tenant id>/*.yaml` for one; a rule with a shipped id replaces it. "
+        "Empty: the shipped rules.",
+    ),
+    Spec(
+        "RULES_SCHEDULE_SECONDS",
+        600,
+        _int_between(10, 86400),
+        "How often the worker evaluates schedule rules (absence of data, e.g. `disengagement`).",
+    ),
+    Spec(
         "FUTURE_TOLERANCE_SECONDS",
         300,
         _int_between(0, 86400),
@@ -342,6 +356,8 @@ class Settings:
     worker_threads: int
     http_timeout_seconds: float
     item_text_file: Path | None
+    rules_dir: Path | None
+    rules_schedule_seconds: int
     future_tolerance_seconds: int
     metrics_enabled: bool
     host: str

@@ -26,6 +26,7 @@ from sqlalchemy import select
 from auth.smart_launch import can_read
 from fhir_bridge import audit, services
 from fhir_bridge.errors import BadRequest, Conflict, NotFound, Unprocessable
+from fhir_bridge.rules import engine as rules_engine
 from fhir_bridge.storage.models import Alert, OutboxItem, utcnow
 from mappings.identity import CANONICAL
 from smart_app import prescribe, summary, web
@@ -265,6 +266,8 @@ def acknowledge(launch_id: str, alert_id: str) -> Response:
         alert.status = "acknowledged"
         alert.acknowledged_at = utcnow()
         alert.acknowledged_by = ctx.actor[:255]
+        # The EHR side: Flag inactive / Task completed, through the outbox (fhir_bridge.rules).
+        rules_engine.acknowledged(session, alert, alert.acknowledged_at)
         audit.record(
             session,
             actor_type="user",

@@ -64,6 +64,8 @@ class Item:
     body: bytes
     attempts: int
     priority: int
+    # create (conditional create) | update (conditional update by the identifier in the body)
+    op: str = "create"
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,7 @@ _ITEM_COLUMNS = (
     OutboxItem.body,
     OutboxItem.attempts,
     OutboxItem.priority,
+    OutboxItem.op,
 )
 
 

@@ -35,6 +35,7 @@ from fhir_bridge.delivery.outbox import Claim, Item, Result, Vendor
 from fhir_bridge.delivery.tenants import TenantDirectory, TenantRuntime
 from fhir_bridge.delivery.writers import Group, Written, make_outcome, make_writer
 from fhir_bridge.ops import metrics
+from fhir_bridge.rules import engine as rules_engine
 from fhir_bridge.services import Services
 from fhir_bridge.storage.models import utcnow
 from mappings import MappedResource
@@ -111,6 +112,24 @@ class Worker:
         for tenant_id, items in claim.by_tenant().items():
             self._deliver(claim, tenant_id, items)
         return len(claim.items)
+
+    def run_scheduled_rules(self) -> int | None:
+        """Schedule rules (absence of data), when due; one worker at a time (see fhir_bridge.rules)."""
+        settings = self.services.settings
+        return rules_engine.maybe_run_scheduled(
+            self.db,
+            holder=self.name,
+            interval_seconds=settings.rules_schedule_seconds,
+            rules_dir=settings.rules_dir,
+        )
+
+    def _scheduled_rules(self) -> None:
+        try:
+            self.run_scheduled_rules()
+        except SQLAlchemyError:
+            raise
+        except Exception as exc:  # a bad rule file must not stop delivery
+            log.error("scheduled rules failed", extra={"exception": type(exc).__name__, "worker": self.name})
 
     def _deliver(self, claim: Claim, tenant_id: str, items: list[Item]) -> None:
         runtime = self.directory.get(tenant_id)
@@ -305,6 +324,8 @@ class Worker:
             self.stop.wait(self.policy.poll_seconds * number / 2)
         while not self.stop.is_set():
             try:
+                if number == 0:
+                    self._scheduled_rules()
                 handled = self.run_once(loop=number)
             except SQLAlchemyError as exc:
                 # The database is down or busy: nothing is lost (the outbox is the database); wait.

@@ -261,6 +261,9 @@ class OutboxItem(Base):
     outcome: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column()
+    # create: conditional create on the identifier (ifNoneExist). update: conditional update by the
+    # identifier in the body (PUT Type?identifier=...), e.g. a Flag set inactive on acknowledgement.
+    op: Mapped[str] = mapped_column(String(8), default="create", server_default="create")
 
 
 class DeliveryAttempt(Base):
@@ -291,6 +294,7 @@ class Alert(Base):
             sqlite_where=text("status = 'open'"),
             postgresql_where=text("status = 'open'"),
         ),
+        Index("ix_alerts_episode", "tenant_id", "patient_id", "rule_id"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
@@ -306,6 +310,37 @@ class Alert(Base):
     acknowledged_by: Mapped[str | None] = mapped_column(String(255))
     flag_outbox_id: Mapped[int | None] = mapped_column(ForeignKey("outbox.id"))
     task_outbox_id: Mapped[int | None] = mapped_column(ForeignKey("outbox.id"))
+    # Rules (issue 8): the measurement time the condition became true at (as-of time of the firing
+    # evaluation), when an evaluation last found it false (the episode is over; a later firing is a
+    # new alert once this one is no longer open), and the identifier value of its Flag/Task.
+    trigger_at: Mapped[datetime | None] = mapped_column()
+    episode_ended_at: Mapped[datetime | None] = mapped_column()
+    ident_value: Mapped[str | None] = mapped_column(String(64))
+
+
+class Measurement(Base):
+    """One number an accepted record carried (``MapResult.measurements``): the rules' ledger.
+
+    Written in the transaction that accepts the record; a record's (code) appears once, so replays
+    add nothing. No free text: codes are catalogue measurement codes, values are numbers.
+    """
+
+    __tablename__ = "measurements"
+    __table_args__ = (
+        UniqueConstraint("record_id", "code"),
+        Index("ix_measurements_patient", "tenant_id", "patient_id", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    patient_id: Mapped[str] = mapped_column(String(64))
+    enrollment_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("enrollments.id"))
+    record_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("records.id"))
+    code: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column()
+    # The record's own UTC offset, so reasons can name the patient's local date.
+    utc_offset_min: Mapped[int] = mapped_column(SmallInteger, default=0)
+    value: Mapped[float] = mapped_column(Float)
 
 
 class AuditEvent(Base):
@@ -410,6 +445,7 @@ __all__ = [
     "Base",
     "DeliveryAttempt",
     "Enrollment",
+    "Measurement",
     "OutboxItem",
     "PairingAttempt",
     "Record",

@@ -379,7 +379,9 @@ def _merge_quirks(current: dict[str, Any] | None, changes: dict[str, Any]) -> di
 
 DEFAULT_BACKEND_SCOPES = (
     "system/Observation.c system/QuestionnaireResponse.c system/Device.c system/Provenance.c "
-    "system/Observation.rs system/Device.rs"
+    "system/Observation.rs system/Device.rs "
+    # Rules (issue 8) and dashboard follow-ups: Flag/Task created, then updated by identifier.
+    "system/Flag.c system/Flag.u system/Flag.s system/Task.c system/Task.u system/Task.s"
 )
 
 

@@ -36,7 +36,17 @@ import orjson
 from sqlalchemy import Table, insert, or_, select, text
 from sqlalchemy.orm import Session
 
-from fhir_bridge.rules.model import ANY, AsOf, History, Rule, RuleFileError, RuleSet, Value, load_rules
+from fhir_bridge.rules.model import (
+    ANY,
+    EpisodeState,
+    History,
+    Rule,
+    RuleFileError,
+    RuleSet,
+    data_moments,
+    load_rules,
+    run_rule,
+)
 from fhir_bridge.storage.models import Alert, Enrollment, Measurement, OutboxItem, SchedulerLease
 from mappings.identity import CANONICAL
 
@@ -182,7 +192,8 @@ def load_history(
     )
     if ANY not in wanted:
         query = query.where(Measurement.code.in_(sorted(wanted)))
-    return History(session.execute(query).tuples(), since=since)
+    rows = [(code, at, value, offset) for code, at, value, offset in session.execute(query)]
+    return History(rows, since=since)
 
 
 # -- evaluation -----------------------------------------------------------------------------------
@@ -240,21 +251,18 @@ def evaluate_patient(
     episodes = _episodes(session, tenant_id, patient_id)
     fired: list[Alert] = []
     for rule in active:
-        if schedule:
-            moments = [now]
-        else:
-            reads_all = ANY in rule.codes
-            moments = sorted({p.at for p in points if reads_all or p.code in rule.codes})
+        moments = [now] if schedule else data_moments(rule, [(p.code, p.at) for p in points])
         episode = episodes[rule.id]
-        for moment in moments:
-            holds, env = rule.check(AsOf(history, moment))
-            if holds:
-                if episode.ongoing is None and episode.open is None:
-                    alert = fire(session, rule, tenant_id, patient_id, enrollment_id, moment, env, now=now)
-                    episode.open = episode.ongoing = alert
-                    fired.append(alert)
+        state = EpisodeState(open=episode.open is not None, ongoing=episode.ongoing is not None)
+        for event in run_rule(rule, history, moments, state):
+            if event.kind == "fired":
+                alert = fire(
+                    session, rule, tenant_id, patient_id, enrollment_id, event.at, event.reason, now=now
+                )
+                episode.open = episode.ongoing = alert
+                fired.append(alert)
             elif episode.ongoing is not None:
-                episode.ongoing.episode_ended_at = max(moment, episode.ongoing.trigger_at or moment)
+                episode.ongoing.episode_ended_at = max(event.at, episode.ongoing.trigger_at or event.at)
                 episode.ongoing = None
     return fired
 
@@ -306,12 +314,11 @@ def fire(
     patient_id: str,
     enrollment_id: uuid.UUID | None,
     trigger_at: datetime,
-    env: dict[str, Value],
+    reason: str,
     *,
     now: datetime,
 ) -> Alert:
     """The alert row and its Flag/Task in the outbox (one group: one EHR transaction)."""
-    reason = rule.explain(env)
     ident = ident_value(tenant_id, patient_id, rule.id, trigger_at)
     alert = Alert(
         id=uuid.uuid4(),

@@ -33,8 +33,8 @@ from __future__ import annotations
 import ast
 import math
 import re
-from bisect import bisect_right
-from collections.abc import Callable, Iterable, Mapping
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -189,7 +189,7 @@ def _days_since_last(ctx: AsOf, code: str = ANY) -> Value:
 
 def _window(ctx: AsOf, code: str, days: float) -> tuple[Series, int, int]:
     series, n = ctx.upto(code)
-    first = bisect_right(series.times, ctx.at - timedelta(days=float(days)))
+    first = bisect_left(series.times, ctx.at - timedelta(days=float(days)))  # inclusive: [at - days, at]
     return series, first, n
 
 
@@ -240,7 +240,7 @@ FUNCTIONS: dict[str, Function] = {
         doc='days from the latest value (of any code with "*", the default) to the evaluation moment; '
         "from the start of the enrollment when there is none",
     ),
-    "count": Function(_count, ("code", "days"), doc="how many values in the last `days` days"),
+    "count": Function(_count, ("code", "days"), doc="how many values in the last `days` days (inclusive)"),
     "min": Function(_extreme(False), ("code", "days"), doc="the lowest value in the last `days` days"),
     "max": Function(_extreme(True), ("code", "days"), doc="the highest value in the last `days` days"),
 }
@@ -444,7 +444,8 @@ class Rule:
                 return "?"
             spec = match.group(3)
             if spec:
-                return format(number, spec)
+                shown = format(number, spec)
+                return shown[1:] if re.fullmatch(r"[-+]0(?:\.0*)?%?", shown) else shown
             return str(int(number)) if float(number).is_integer() else f"{number:.1f}"
 
         return _PLACEHOLDER.sub(fill, self.reason)
@@ -459,6 +460,65 @@ class RuleSet:
 
     def by_id(self, rule_id: str) -> Rule | None:
         return next((r for r in self.rules if r.id == rule_id), None)
+
+
+@dataclass
+class EpisodeState:
+    """Per (patient, rule): an alert is open (not acknowledged), and/or its episode is ongoing."""
+
+    open: bool = False
+    ongoing: bool = False
+
+
+@dataclass(frozen=True)
+class Event:
+    """``fired`` (a new alert, with its reason) or ``ended`` (the condition no longer holds)."""
+
+    kind: str
+    rule: Rule
+    at: datetime
+    reason: str = ""
+
+
+def run_rule(rule: Rule, history: History, moments: Iterable[datetime], state: EpisodeState) -> list[Event]:
+    """Evaluate ``rule`` as of each moment in order, updating ``state``; one source of truth for the
+    episode logic (the database engine and ``fhir-bridge rules test`` both use it)."""
+    events: list[Event] = []
+    for moment in moments:
+        holds, env = rule.check(AsOf(history, moment))
+        if holds:
+            if not state.ongoing and not state.open:
+                state.open = state.ongoing = True
+                events.append(Event("fired", rule, moment, rule.explain(env)))
+        elif state.ongoing:
+            state.ongoing = False
+            events.append(Event("ended", rule, moment))
+    return events
+
+
+def data_moments(rule: Rule, points: Iterable[tuple[str, datetime]]) -> list[datetime]:
+    """The moments a data-triggered evaluation looks at: each new measurement the rule reads."""
+    reads_all = ANY in rule.codes
+    return sorted({at for code, at in points if reads_all or code in rule.codes})
+
+
+def simulate(
+    rules: RuleSet,
+    rows: Sequence[tuple[str, datetime, float, int]],
+    now: datetime,
+    *,
+    since: datetime | None = None,
+) -> list[Event]:
+    """What would fire for this history arriving at once, then a schedule run at ``now``."""
+    history = History(rows, since=since or (min((r[1] for r in rows), default=None)))
+    points = [(code, at) for code, at, _, _ in rows]
+    events: list[Event] = []
+    for rule in rules.enabled():
+        state = EpisodeState()
+        events += run_rule(rule, history, data_moments(rule, points), state)
+        if rule.trigger == "schedule":
+            events += run_rule(rule, history, [now], state)
+    return sorted(events, key=lambda e: e.at)
 
 
 _RULE_KEYS = {
@@ -653,6 +713,8 @@ __all__ = [
     "API_VERSION",
     "FUNCTIONS",
     "AsOf",
+    "EpisodeState",
+    "Event",
     "History",
     "Rule",
     "RuleFileError",
@@ -661,4 +723,6 @@ __all__ = [
     "load_dir",
     "load_rules",
     "parse_file",
+    "run_rule",
+    "simulate",
 ]

@@ -1,0 +1,158 @@
+"""Rules end to end: each story's history is pushed through the real vendor API, the worker runs the
+schedule rules and delivers to the third-party FHIR server; exactly the expected alerts fire, once each,
+and are in the EHR as Flag/Task; replaying the pushes fires nothing new; acknowledging sets the Flag
+inactive and the Task completed in the EHR."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from flask import Flask
+from sqlalchemy import func, select
+
+from fhir_bridge import audit, enrollment, services
+from fhir_bridge.delivery import Worker
+from fhir_bridge.fhir_client import FhirClient
+from fhir_bridge.rules import engine
+from fhir_bridge.storage.models import Alert, Measurement, OutboxItem
+from tests.conftest import AppFactory
+from tests.integration.delivery.conftest import CLIENT_ID, drain
+from tests.support.outbox_seed import add_tenant
+from tests.support.rule_stories import EXPECTED, history
+from tests.support.sekmet import SekmetServer
+from tests.support.vendor import Vendor, register
+
+pytestmark = [pytest.mark.ehr]
+
+
+def _enroll(app: Flask, vendor: Vendor, tenant: str, patient: str, app_user: str) -> None:
+    svc = services.from_app(app)
+    code = enrollment.create(
+        svc.db,
+        secret=svc.secret_key,
+        tenant_id=tenant,
+        patient_id=patient,
+        vendor_client_id=vendor.client_id,
+        created_by="dr-test",
+        ttl_seconds=600,
+    ).code
+    assert vendor.claim(code, app_user).status_code == 201
+
+
+def _push(vendor: Vendor, records: list[dict[str, Any]], *, chunk: int) -> list[str]:
+    statuses: list[str] = []
+    for start in range(0, len(records), chunk):
+        response = vendor.post("/api/v1/records", json={"records": records[start : start + chunk]})
+        assert response.status_code == 200, response.json
+        statuses += [r["status"] for r in response.json["results"]]
+    return statuses
+
+
+def _ehr(reader: FhirClient, resource_type: str, patient: str) -> list[dict[str, Any]]:
+    found = reader.search(resource_type, [("identifier", f"{engine.ALERT_SYSTEM}|"), ("_count", "100")])
+    everything = found.resources or reader.search(resource_type, [("_count", "1000")]).resources
+    return [
+        r
+        for r in everything
+        if ((r.get("subject") or r.get("for") or {}).get("reference")) == f"Patient/{patient}"
+        and any(i.get("system") == engine.ALERT_SYSTEM for i in r.get("identifier") or [])
+    ]
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_stories_fire_exactly_their_alerts_once_into_the_ehr_and_acknowledging_closes_them(
+    database: str,
+    request: pytest.FixtureRequest,
+    make_app: AppFactory,
+    smart_ehr: SekmetServer,
+    ehr_reader: FhirClient,
+) -> None:
+    overrides: dict[str, Any] = {"ALLOW_INSECURE_LOOPBACK": True}
+    if database == "postgresql":
+        overrides["DATABASE_URL"] = request.getfixturevalue("pg_server").create_database()
+    app: Flask = make_app(**overrides)
+    svc = services.from_app(app)
+    tenant = f"rules-{database}"
+    add_tenant(svc.db, tenant, smart_ehr.base_url, client_id=CLIENT_ID)
+    vendor = register(app, f"mindful-{database}")
+    run = uuid.uuid4().hex[:8]
+    end = datetime.now(UTC)
+    patients = {key: f"p-{key}-{run}" for key in EXPECTED}
+    stories = {key: history(key, app_user_id=f"u-{key}-{run}", end=end) for key in EXPECTED}
+    for key in EXPECTED:
+        _enroll(app, vendor, tenant, patients[key], f"u-{key}-{run}")
+        # Different batch sizes: the firings must not depend on how the history arrives.
+        statuses = _push(vendor, stories[key], chunk=40 if key in ("safety", "silent") else 500)
+        assert set(statuses) == {"accepted"}
+
+    worker = Worker(svc)
+    assert worker.run_scheduled_rules() == 1  # the silent story: disengagement
+    assert worker.run_scheduled_rules() is None  # not due again yet
+    drain(worker, tenant)
+
+    with svc.db.transaction() as session:
+        alerts = session.scalars(select(Alert).where(Alert.tenant_id == tenant)).all()
+        ledger = session.scalar(
+            select(func.count()).select_from(Measurement).where(Measurement.tenant_id == tenant)
+        )
+        queued = session.scalar(
+            select(func.count()).select_from(OutboxItem).where(OutboxItem.tenant_id == tenant)
+        )
+    by_patient = {key: sorted(a.rule_id for a in alerts if a.patient_id == patients[key]) for key in EXPECTED}
+    assert by_patient == {key: sorted(rules) for key, rules in EXPECTED.items()}
+    no_response = next(a for a in alerts if a.rule_id == "no-response")
+    assert no_response.reason.startswith("PHQ-9 15 on ") and "from baseline 15" in no_response.reason
+    assert "after 8 weeks" in no_response.reason
+    assert ledger and ledger >= sum(len(s) for s in stories.values())
+
+    # In the EHR: a Flag (safety) and a Task per alert, once each, urgent for safety.
+    for key, rules in EXPECTED.items():
+        tasks = _ehr(ehr_reader, "Task", patients[key])
+        flags = _ehr(ehr_reader, "Flag", patients[key])
+        assert len(tasks) == len(rules), key
+        assert len(flags) == (1 if key == "safety" else 0), key
+    safety_task = _ehr(ehr_reader, "Task", patients["safety"])[0]
+    assert safety_task["priority"] == "urgent" and safety_task["status"] == "requested"
+    safety_flag = _ehr(ehr_reader, "Flag", patients["safety"])[0]
+    categories = {c["coding"][0]["code"] for c in safety_flag["category"]}
+    assert categories == {"safety", "behavioral"} and safety_flag["status"] == "active"
+    assert (
+        _ehr(ehr_reader, "Task", patients["non-responder"])[0]["code"]["text"] == "Schedule follow-up visit"
+    )
+    assert _ehr(ehr_reader, "Task", patients["silent"])[0]["code"]["text"] == "Check in with patient"
+
+    # Replaying every push: all duplicates, no new measurement, alert or outbox item.
+    for key in EXPECTED:
+        assert set(_push(vendor, stories[key], chunk=500)) == {"duplicate"}
+    with svc.db.transaction() as session:
+        assert engine.run_scheduled_rules(session, datetime.now(UTC)) == []
+        assert session.scalar(
+            select(func.count()).select_from(Alert).where(Alert.tenant_id == tenant)
+        ) == len(alerts)
+        assert (
+            session.scalar(select(func.count()).select_from(OutboxItem).where(OutboxItem.tenant_id == tenant))
+            == queued
+        )
+
+    # Acknowledge the safety alert (as the dashboard does): Flag inactive, Task completed in the EHR.
+    safety_alert = next(a for a in alerts if a.rule_id == "safety-item9")
+    with svc.db.transaction() as session:
+        row = session.get(Alert, safety_alert.id)
+        assert row is not None
+        row.status, row.acknowledged_at, row.acknowledged_by = (
+            "acknowledged",
+            datetime.now(UTC),
+            "Practitioner/dr1",
+        )
+        assert engine.acknowledged(session, row, row.acknowledged_at) == ["Flag", "Task"]
+        audit.record(session, actor_type="user", actor_id="Practitioner/dr1", action="alert.acknowledge",
+                     tenant_id=tenant, patient_id=row.patient_id, target=f"alert/{row.id}")  # fmt: skip
+    drain(worker, tenant)
+    flags = _ehr(ehr_reader, "Flag", patients["safety"])
+    tasks = _ehr(ehr_reader, "Task", patients["safety"])
+    assert [f["status"] for f in flags] == ["inactive"] and "end" in flags[0]["period"]
+    assert [t["status"] for t in tasks] == ["completed"]
+    svc.db.dispose()

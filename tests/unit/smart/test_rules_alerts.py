@@ -1,0 +1,68 @@
+"""Rule alerts in the dashboard: shown with their reason, and acknowledging queues the EHR side (Flag
+inactive, Task completed) through the outbox, with the clinician in the audit log."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import orjson
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import select
+
+from fhir_bridge import services
+from fhir_bridge.rules import engine
+from fhir_bridge.storage.models import Alert, AuditEvent, OutboxItem
+from tests.support.fake_ehr import FakeEhr
+from tests.unit.smart.conftest import PUBLIC, full_launch
+from tests.unit.smart.test_dashboard import csrf
+
+
+def _fire(app: Flask, rule_id: str, at: datetime) -> Alert:
+    rule = engine.ruleset_for("t1").by_id(rule_id)
+    assert rule is not None
+    with app.app_context(), services.current().db.transaction() as session:
+        alert = engine.fire(session, rule, "t1", "p1", None, at, f"{rule_id} reason", now=datetime.now(UTC))
+        session.expunge(alert)
+    return alert
+
+
+def test_acknowledging_a_rule_alert_closes_its_flag_and_task_in_the_outbox_and_audits_who(
+    smart: Flask, browser: FlaskClient, ehr: FakeEhr
+) -> None:
+    safety = _fire(smart, "safety-item9", datetime(2026, 11, 30, 2, 30, tzinfo=UTC))
+    silent = _fire(smart, "disengagement", datetime(2026, 12, 1, tzinfo=UTC))
+    # The silent alert's Task already reached the EHR: acknowledging it needs an update.
+    with smart.app_context(), services.current().db.transaction() as session:
+        item = session.get(OutboxItem, silent.task_outbox_id)
+        assert item is not None
+        item.status, item.ehr_id = "delivered", "task-1"
+
+    launch_id = full_launch(browser, ehr)
+    shown = browser.get(f"/app/{launch_id}/api/summary", base_url=PUBLIC).json["alerts"]["bridge"]
+    assert {(a["rule"], a["priority"], a["reason"]) for a in shown} == {
+        ("safety-item9", "urgent", "safety-item9 reason"),
+        ("disengagement", "routine", "disengagement reason"),
+    }
+    headers = csrf(browser, launch_id)
+    for alert in (safety, silent):
+        url = f"/app/{launch_id}/api/alerts/{alert.id}/acknowledge"
+        assert browser.post(url, json={}, headers=headers, base_url=PUBLIC).status_code == 200
+
+    with smart.app_context(), services.current().db.transaction() as session:
+        items = session.scalars(select(OutboxItem).order_by(OutboxItem.id)).all()
+        by_type = {(i.resource_type, i.ident_value, i.op): orjson.loads(i.body) for i in items}
+        # Not yet sent: rewritten in place, so the EHR only ever sees the final state.
+        assert by_type[("Flag", safety.ident_value, "create")]["status"] == "inactive"
+        assert by_type[("Task", safety.ident_value, "create")]["status"] == "completed"
+        # Already in the EHR: the create stays as delivered, an update by identifier is queued.
+        assert by_type[("Task", silent.ident_value, "create")]["status"] == "requested"
+        update = by_type[("Task", silent.ident_value, "update")]
+        assert update["status"] == "completed"
+        assert update["identifier"] == [{"system": engine.ALERT_SYSTEM, "value": silent.ident_value}]
+        assert len(items) == 4
+        audits = session.scalars(select(AuditEvent).where(AuditEvent.action == "alert.acknowledge")).all()
+        assert {(a.actor_id, a.target) for a in audits} == {
+            ("Practitioner/dr1", f"alert/{safety.id}"),
+            ("Practitioner/dr1", f"alert/{silent.id}"),
+        }

@@ -109,6 +109,11 @@ class Tenant(Base):
     max_concurrent_requests: Mapped[int] = mapped_column(Integer, default=4)
     frame_ancestors: Mapped[list[str]] = mapped_column(default=list)
     crisis_line: Mapped[str | None] = mapped_column(String(500))
+    # CDS Hooks (issue 8): the EHR's CDS client, which signs each hook call with its key. ``iss`` it
+    # presents, and its keys: inline JWKS or a JWKS URL (a ``jku`` header must equal that URL).
+    cds_client_iss: Mapped[str | None] = mapped_column(String(2048))
+    cds_client_jwks: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    cds_client_jwks_url: Mapped[str | None] = mapped_column(String(2048))
     # Documented per-EHR quirks (see docs/ehr-vendors.md), e.g. types that refuse If-None-Exist.
     quirks: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -9,7 +9,7 @@ from tests.support.openapi import path_template, spec
 
 # What vendors call. Everything the app routes under these prefixes must be documented, and the
 # reverse; operations endpoints (/healthz, /readyz, /metrics) are for hospital IT and documented in README.
-VENDOR_PREFIXES = ("/api/", "/oauth/", "/fhir", "/.well-known/")
+VENDOR_PREFIXES = ("/api/", "/oauth/", "/fhir", "/.well-known/", "/cds-services")
 
 
 def test_openapi_is_a_valid_3_1_document() -> None:

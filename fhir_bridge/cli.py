@@ -955,6 +955,103 @@ def map_record(
     click.echo(json.dumps(bundle, indent=2, ensure_ascii=False))
 
 
+# -- rules (issue 8) ---------------------------------------------------------------------------
+
+
+@cli.group()
+def rules() -> None:
+    """Rule files: check them, and see what a history would fire."""
+
+
+def _load_rules(ctx: Context, rules_dir: str | None, tenant: str | None) -> Any:
+    from pathlib import Path
+
+    from fhir_bridge.rules.engine import ruleset_for
+    from fhir_bridge.rules.model import RuleFileError, load_rules
+
+    try:
+        if rules_dir is not None:
+            return load_rules(Path(rules_dir))
+        return ruleset_for(tenant or "", ctx.settings.rules_dir)
+    except RuleFileError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@rules.command("list")
+@click.option(
+    "--rules", "rules_dir", type=click.Path(file_okay=False, exists=True), help="Extra rule folder."
+)
+@click.option("--tenant", help="Show the rules of this tenant (RULES_DIR/<tenant>).")
+@pass_ctx
+def rules_list(ctx: Context, rules_dir: str | None, tenant: str | None) -> None:
+    """Load and check the rule files (exit 1 naming file and field if one is bad), then list the rules."""
+    for rule in _load_rules(ctx, rules_dir, tenant).rules:
+        state = "" if rule.enabled else "  (off)"
+        click.echo(f"{rule.id:16} {rule.trigger:9} {rule.priority:8} {rule.title}{state}")
+
+
+@rules.command("test")
+@click.argument("file", type=click.File("rb"))
+@click.option(
+    "--rules",
+    "rules_dir",
+    type=click.Path(file_okay=False, exists=True),
+    help="A folder of rule files applied over the shipped defaults (default: the RULES_DIR setting).",
+)
+@click.option("--tenant", help="Use this tenant's rules (RULES_DIR/<tenant>).")
+@click.option("--now", "now_text", help="Evaluate schedule rules as of this ISO date-time (default: now).")
+@click.option("--json", "as_json", is_flag=True, help="Print the firings as JSON.")
+@pass_ctx
+def rules_test(
+    ctx: Context, file: Any, rules_dir: str | None, tenant: str | None, now_text: str | None, as_json: bool
+) -> None:
+    """Print what would fire for the JSON history in FILE (- for standard input). Nothing is stored.
+
+    FILE holds a list (or {"records": [...]}) of native records, as an app pushes them, and/or
+    measurements {"code": "phq9.total", "time": "2026-11-02T20:30:00-06:00", "value": 15}. The history
+    is evaluated as it would be when pushed, then the schedule rules run as of --now.
+    """
+    from datetime import UTC, datetime
+
+    from fhir_bridge.catalog import catalog_for
+    from fhir_bridge.rules.history import HistoryError, rows_from_json
+    from fhir_bridge.rules.model import simulate
+
+    ruleset = _load_rules(ctx, rules_dir, tenant)
+    try:
+        data = json.loads(file.read())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise click.ClickException(f"{file.name} is not valid JSON: {exc}") from None
+    try:
+        rows = rows_from_json(data, catalog_for(ctx.settings))
+    except HistoryError as exc:
+        raise click.ClickException(f"{file.name}: {exc}") from None
+    try:
+        now = datetime.fromisoformat(now_text) if now_text else datetime.now(UTC)
+    except ValueError:
+        raise click.BadParameter(
+            "an ISO 8601 date-time, e.g. 2026-12-07T12:00:00Z", param_hint="--now"
+        ) from None
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=UTC)
+    events = simulate(ruleset, rows, now)
+    fired = [e for e in events if e.kind == "fired"]
+    if as_json:
+        out = [
+            {"rule": e.rule.id, "at": e.at.isoformat(), "priority": e.rule.priority, "reason": e.reason}
+            for e in fired
+        ]
+        click.echo(json.dumps(out, indent=2, ensure_ascii=False))
+        return
+    click.echo(f"{len(rows)} measurement(s), {len(ruleset.enabled())} rule(s), as of {now.isoformat()}")
+    if not fired:
+        click.echo("nothing would fire")
+    for event in fired:
+        click.echo(
+            f"{event.at.date().isoformat()}  {event.rule.id:14} {event.rule.priority:8} {event.reason}"
+        )
+
+
 # -- sandbox EHR (development and demo only) ---------------------------------------------------
 
 

@@ -1,0 +1,69 @@
+"""``fhir-bridge rules test`` and ``rules list``: what a history would fire, and bad files named."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from fhir_bridge.cli import cli
+from tests.support.rule_stories import history
+
+END = datetime(2026, 12, 7, 12, tzinfo=UTC)
+
+
+def run(tmp_path: Path, *args: str) -> tuple[int, str]:
+    env = {"FHIR_BRIDGE_INSTANCE_PATH": str(tmp_path / "inst")}
+    result = CliRunner().invoke(cli, list(args), env=env)
+    return result.exit_code, result.output
+
+
+def test_rules_test_prints_what_a_story_would_fire(tmp_path: Path) -> None:
+    path = tmp_path / "silent.json"
+    path.write_text(json.dumps(history("silent", app_user_id="u1", end=END)))
+    code, out = run(tmp_path, "rules", "test", str(path), "--now", END.isoformat())
+    assert code == 0, out
+    assert "disengagement" in out and "No app data for 14 days" in out
+    code, out = run(tmp_path, "rules", "test", str(path), "--now", END.isoformat(), "--json")
+    assert [f["rule"] for f in json.loads(out)] == ["disengagement"]
+
+
+def test_rules_test_takes_measurements_and_a_rules_folder(tmp_path: Path) -> None:
+    path = tmp_path / "h.json"
+    path.write_text(
+        json.dumps(
+            [
+                {"code": "dwai.total", "time": "2026-11-01T10:00:00-05:00", "value": 26},
+                {"code": "dwai.total", "time": "2026-11-15T10:00:00-05:00", "value": 22},
+            ]
+        )
+    )
+    code, out = run(tmp_path, "rules", "test", str(path), "--now", END.isoformat())
+    assert code == 0 and "alliance-drop" not in out  # a drop of 4: below the default 6
+    assert "disengagement" in out and "No app data for 22 days" in out
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "alliance.yaml").write_text(
+        "apiVersion: fhir-bridge/rules/v1\nrules:\n"
+        "  - id: alliance-drop\n    params: {drop: 4, days: 28}\n    let:\n"
+        '      fall: max("dwai.total", days) - latest("dwai.total")\n'
+        "    when: fall >= drop\n    reason: 'D-WAI down {fall}'\n    task: {text: Talk}\n"
+    )
+    code, out = run(tmp_path, "rules", "test", str(path), "--rules", str(rules), "--now", END.isoformat())
+    assert code == 0 and "2026-11-15  alliance-drop" in out and "D-WAI down 4" in out
+
+
+def test_bad_rule_files_and_histories_are_named(tmp_path: Path) -> None:
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "bad.yaml").write_text(
+        "apiVersion: fhir-bridge/rules/v1\nrules:\n  - id: x\n    when: nope(1)\n"
+    )
+    code, out = run(tmp_path, "rules", "list", "--rules", str(rules))
+    assert code == 1 and "bad.yaml: rules[0] (x).when: unknown function 'nope'" in out
+    path = tmp_path / "h.json"
+    path.write_text(json.dumps([{"code": "phq9.total", "time": "2026-11-01T10:00:00", "value": 3}]))
+    code, out = run(tmp_path, "rules", "test", str(path))
+    assert code == 1 and "records[0].time: needs a UTC offset" in out

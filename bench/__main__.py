@@ -12,6 +12,7 @@ BENCHMARKS = {
         "outbox -> sekmet resources/s next to prebuilt Bundles (TARGETS.md row 3)",
     ),
     "push": ("bench.bench_push", "push API throughput per server CPU second, SQLite and PostgreSQL"),
+    "rules": ("bench.bench_rules", "rule evaluation cost per accepted record vs the push without rules"),
     "dashboard": (
         "bench.bench_dashboard",
         "SMART dashboard: server time for 10,000 Observations vs a bare client, and time to interactive",

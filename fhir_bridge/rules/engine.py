@@ -239,22 +239,36 @@ def evaluate_patient(
     schedule: bool = False,
     since: datetime | None = None,
 ) -> list[Alert]:
-    """Evaluate ``rules`` as of each point a rule reads (``schedule``: the schedule rules as of ``now``)."""
-    active = [r for r in rules.enabled() if (r.trigger == "schedule" if schedule else True)]
-    if not active:
-        return []
+    """Evaluate ``rules`` as of each point a rule reads (``schedule``: the schedule rules as of ``now``).
+
+    Cheap when nothing can happen: rules that read none of the new points are skipped, and so are
+    schedule rules without an ongoing episode (data can only end one); the history is loaded only for
+    the codes the remaining rules read.
+    """
     _lock_patient(session, tenant_id, patient_id)
+    episodes = _episodes(session, tenant_id, patient_id)
+    plan: list[tuple[Rule, list[datetime], bool]] = []
+    for rule in rules.enabled():
+        if schedule:
+            if rule.trigger == "schedule":
+                plan.append((rule, [now], False))
+            continue
+        moments = data_moments(rule, [(p.code, p.at) for p in points])
+        end_only = rule.trigger == "schedule"
+        if not moments or (end_only and episodes[rule.id].ongoing is None):
+            continue
+        plan.append((rule, moments, end_only))
+    if not plan:
+        return []
     codes: set[str] = set()
-    for rule in active:
+    for rule, _, _ in plan:
         codes |= rule.codes
     history = load_history(session, tenant_id, patient_id, codes, since=since)
-    episodes = _episodes(session, tenant_id, patient_id)
     fired: list[Alert] = []
-    for rule in active:
-        moments = [now] if schedule else data_moments(rule, [(p.code, p.at) for p in points])
+    for rule, moments, end_only in plan:
         episode = episodes[rule.id]
         state = EpisodeState(open=episode.open is not None, ongoing=episode.ongoing is not None)
-        for event in run_rule(rule, history, moments, state):
+        for event in run_rule(rule, history, moments, state, end_only=end_only):
             if event.kind == "fired":
                 alert = fire(
                     session, rule, tenant_id, patient_id, enrollment_id, event.at, event.reason, now=now

@@ -480,12 +480,22 @@ class Event:
     reason: str = ""
 
 
-def run_rule(rule: Rule, history: History, moments: Iterable[datetime], state: EpisodeState) -> list[Event]:
+def run_rule(
+    rule: Rule, history: History, moments: Iterable[datetime], state: EpisodeState, *, end_only: bool = False
+) -> list[Event]:
     """Evaluate ``rule`` as of each moment in order, updating ``state``; one source of truth for the
-    episode logic (the database engine and ``fhir-bridge rules test`` both use it)."""
+    episode logic (the database engine and ``fhir-bridge rules test`` both use it).
+
+    ``end_only``: a schedule rule seen when data arrives. It fires only on the schedule; data can only
+    end its ongoing episode (e.g. the patient is back), so without one there is nothing to evaluate.
+    """
     events: list[Event] = []
     for moment in moments:
+        if end_only and not state.ongoing:
+            break
         holds, env = rule.check(AsOf(history, moment))
+        if holds and end_only:
+            continue
         if holds:
             if not state.ongoing and not state.open:
                 state.open = state.ongoing = True
@@ -515,8 +525,9 @@ def simulate(
     events: list[Event] = []
     for rule in rules.enabled():
         state = EpisodeState()
-        events += run_rule(rule, history, data_moments(rule, points), state)
-        if rule.trigger == "schedule":
+        scheduled = rule.trigger == "schedule"
+        events += run_rule(rule, history, data_moments(rule, points), state, end_only=scheduled)
+        if scheduled:
             events += run_rule(rule, history, [now], state)
     return sorted(events, key=lambda e: e.at)
 

@@ -230,3 +230,15 @@ def test_tenant_files_replace_rules_by_id_and_can_turn_one_off(tmp_path: Path) -
     assert drop is not None and drop.params["drop"] == 4
     history_ = History(rows_of([("dwai.total", 0, 26.0), ("dwai.total", 14, 21.0)]))
     assert drop.check(AsOf(history_, day(14)))[0]
+
+
+def test_an_absence_rule_fires_on_the_schedule_and_new_data_ends_its_episode() -> None:
+    rule = load_rules().by_id("disengagement")
+    assert rule is not None and rule.trigger == "schedule"
+    history_ = History(rows_of([("steps.daily", 0, 5000.0), ("mood.rating", 21, 6.0)]), since=day(0))
+    state = EpisodeState()
+    # Data arriving never fires an absence rule (there is no ongoing episode to end: nothing to do).
+    assert run_rule(rule, history_, [day(0)], state, end_only=True) == []
+    fired = run_rule(rule, history_, [day(9)], state)  # the schedule, nine quiet days later
+    assert [e.kind for e in fired] == ["fired"] and fired[0].reason.startswith("No app data for 9 days")
+    assert [e.kind for e in run_rule(rule, history_, [day(21)], state, end_only=True)] == ["ended"]

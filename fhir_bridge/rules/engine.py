@@ -245,19 +245,21 @@ def evaluate_patient(
     schedule rules without an ongoing episode (data can only end one); the history is loaded only for
     the codes the remaining rules read.
     """
-    _lock_patient(session, tenant_id, patient_id)
-    episodes = _episodes(session, tenant_id, patient_id)
-    plan: list[tuple[Rule, list[datetime], bool]] = []
+    candidates: list[tuple[Rule, list[datetime], bool]] = []
+    pairs = [(p.code, p.at) for p in points]
     for rule in rules.enabled():
         if schedule:
             if rule.trigger == "schedule":
-                plan.append((rule, [now], False))
+                candidates.append((rule, [now], False))
             continue
-        moments = data_moments(rule, [(p.code, p.at) for p in points])
-        end_only = rule.trigger == "schedule"
-        if not moments or (end_only and episodes[rule.id].ongoing is None):
-            continue
-        plan.append((rule, moments, end_only))
+        moments = data_moments(rule, pairs)
+        if moments:
+            candidates.append((rule, moments, rule.trigger == "schedule"))
+    if not candidates:
+        return []
+    _lock_patient(session, tenant_id, patient_id)
+    episodes = _episodes(session, tenant_id, patient_id)
+    plan = [c for c in candidates if not (c[2] and episodes[c[0].id].ongoing is None)]
     if not plan:
         return []
     codes: set[str] = set()

@@ -324,6 +324,13 @@ def _ehr_options(func: F) -> F:
             "--max-rps", type=click.FloatRange(min=0.1), help="Most requests per second to this EHR."
         ),
         click.option("--max-concurrent", type=click.IntRange(1, 64), help="Most requests in flight at once."),
+        click.option("--cds-iss", help="CDS Hooks: the iss this EHR's CDS client signs hook calls with."),
+        click.option("--cds-jwks-url", help="CDS Hooks: the JWKS URL of this EHR's CDS client (https)."),
+        click.option(
+            "--cds-jwks",
+            type=click.File("rb"),
+            help="CDS Hooks: a JWKS file with the CDS client's public keys (instead of --cds-jwks-url).",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -344,8 +351,21 @@ def _tenant_values(ctx: Context, fhir_base: str | None, **opts: Any) -> dict[str
             values["token_url"] = require_secure_url(
                 opts["token_url"].strip(), allow_insecure_loopback=loopback, what="--token-url"
             )
+        if opts.get("cds_jwks_url"):
+            values["cds_client_jwks_url"] = require_secure_url(
+                opts["cds_jwks_url"].strip(), allow_insecure_loopback=loopback, what="--cds-jwks-url"
+            )
     except UnsafeUrlError as exc:
         raise click.BadParameter(str(exc)) from None
+    if opts.get("cds_iss"):
+        values["cds_client_iss"] = opts["cds_iss"].strip()
+    if opts.get("cds_jwks") is not None:
+        from auth.jwks_fetch import JwksFetchError, validate_jwks
+
+        try:
+            values["cds_client_jwks"] = validate_jwks(json.loads(opts["cds_jwks"].read()))
+        except (ValueError, JwksFetchError) as exc:
+            raise click.BadParameter(f"not a usable public JWKS: {exc}", param_hint="--cds-jwks") from None
     simple = {
         "name": "name",
         "client_id": "backend_client_id",

@@ -67,3 +67,30 @@ def test_bad_rule_files_and_histories_are_named(tmp_path: Path) -> None:
     path.write_text(json.dumps([{"code": "phq9.total", "time": "2026-11-01T10:00:00", "value": 3}]))
     code, out = run(tmp_path, "rules", "test", str(path))
     assert code == 1 and "records[0].time: needs a UTC offset" in out
+
+
+def test_ehr_add_registers_the_cds_hooks_client(tmp_path: Path) -> None:
+    from fhir_bridge.settings import load_settings
+    from fhir_bridge.storage import Database
+    from fhir_bridge.storage.models import Tenant
+    from tests.support.vendor import public_jwks, vendor_key
+
+    jwks = tmp_path / "cds.json"
+    jwks.write_text(json.dumps(public_jwks(vendor_key("ES384", "cds-cli"))))
+    assert run(tmp_path, "db", "upgrade")[0] == 0
+    code, out = run(
+        tmp_path, "ehr", "add", "t1", "--fhir-base", "https://ehr.example.org/fhir",
+        "--cds-iss", "https://ehr.example.org/cds", "--cds-jwks", str(jwks),
+    )  # fmt: skip
+    assert code == 0, out
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"keys": [{"kty": "oct", "kid": "x"}]}')
+    code, out = run(tmp_path, "ehr", "update", "t1", "--cds-jwks", str(bad))
+    assert code == 2 and "not a usable public JWKS" in out
+    settings = load_settings({"INSTANCE_PATH": str(tmp_path / "inst")}, environ={})
+    db = Database(settings.effective_database_url)
+    with db.sessions() as session:
+        tenant = session.get(Tenant, "t1")
+        assert tenant is not None and tenant.cds_client_iss == "https://ehr.example.org/cds"
+        assert tenant.cds_client_jwks is not None and tenant.cds_client_jwks["keys"][0]["kty"] == "EC"
+    db.dispose()

@@ -1,5 +1,6 @@
-"""Small stand-in histories for the five synthetic stories (see /work/briefs/stories.md), native push
-records the real mapping accepts, until ``fhir_bridge.sandbox.synthetic`` lands on main.
+"""The five synthetic stories for the rules tests: ``fhir_bridge.sandbox.synthetic`` (the demo engineer's
+generator) when it is installed, else the small stand-in histories below (native push records the real
+mapping accepts, following the same contract).
 
 Weekly PHQ-9 (weeks 3 and 11 missed), D-WAI every two weeks, daily steps; timestamps in the story's
 own UTC offset. Deterministic: the same call gives identical records.
@@ -7,6 +8,7 @@ own UTC offset. Deterministic: the same call gives identical records.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -117,3 +119,20 @@ def history(
     for record in records:
         del record["_at"]
     return records
+
+
+Generator = Callable[..., list[dict[str, Any]]]
+
+
+def source() -> tuple[dict[str, tuple[str, ...]], Generator]:
+    """(story key -> expected rule ids, generate(key, *, app_user_id, end)): the real generator if present."""
+    try:
+        from fhir_bridge.sandbox import synthetic  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        return EXPECTED, history
+    expected = {story.key: tuple(story.expected_alerts) for story in synthetic.stories()}
+
+    def generate(key: str, *, app_user_id: str, end: datetime | None = None) -> list[dict[str, Any]]:
+        return list(synthetic.generate(key, app_user_id=app_user_id, end=end))
+
+    return expected, generate

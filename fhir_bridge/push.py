@@ -203,8 +203,23 @@ class Mapper:
         data: dict[str, Any],
         patient_id: str,
         now: datetime,
-    ) -> tuple[Sequence[MappedResource], list[Problem], Sequence[Measurement]]:
+    ) -> tuple[Sequence[MappedResource], list[Problem]]:
+        resources, problems, _ = self.map_measured(
+            vendor=vendor, record_id=record_id, measure=measure, data=data, patient_id=patient_id, now=now
+        )
+        return resources, problems
 
+    def map_measured(
+        self,
+        *,
+        vendor: VendorClient,
+        record_id: str,
+        measure: str,
+        data: dict[str, Any],
+        patient_id: str,
+        now: datetime,
+    ) -> tuple[Sequence[MappedResource], list[Problem], Sequence[Measurement]]:
+        """:meth:`map` plus the record's measurements (for the rules' ledger)."""
         result = self.catalog.map(
             measure,
             data,
@@ -391,7 +406,7 @@ def _evaluate(
         if enrollment is None:
             result.errors.append(Problem("not-enrolled", "app_user_id", NOT_ENROLLED))
             continue
-        resources, problems, measurements = mapper.map(
+        resources, problems, measurements = mapper.map_measured(
             vendor=vendor,
             record_id=record_id,
             measure=rec["measure"],

@@ -61,7 +61,7 @@ FLAG_CATEGORIES = (
 )
 _NAME = re.compile(r"[a-z_][a-z0-9_]*\Z")
 _PLACEHOLDER = re.compile(r"\{([a-z_][a-z0-9_]*)(\.date)?(?::([^{}]*))?\}")
-_FORMAT_SPEC = re.compile(r"[+\- ]?\d{0,2}(?:\.\d{1,2})?[dfg%]?\Z")
+_FORMAT_SPEC = re.compile(r"[+\- ]?\d{0,2}(?:\.\d{1,2})?[fg%]?\Z")
 
 
 class RuleFileError(ValueError):

@@ -188,6 +188,7 @@ def write(tmp_path: Path, text: str, name: str = "rules.yaml") -> Path:
             r"\(x\): needs a flag, a task",
         ),
         (GOOD.format(id="x", when="t >= 1") + "  - id: x\n    when: t\n", r"\(x\)\.when: unknown name 't'"),
+        (GOOD.format(id="x", when="t >= 1").replace("{t}", "{t:d}"), r"\(x\)\.reason: bad number format 'd'"),
         ("rules: [\n", r"r\.yaml: not valid YAML"),
     ],
 )

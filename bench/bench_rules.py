@@ -135,9 +135,24 @@ def measure(
                 outcome = push(db, mapper, vendor=vendor, records=chunk, body=body, idempotency_key=None)
                 accepted += orjson.loads(outcome.body)["counts"]["accepted"]
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        if mode == "rules" and not single:
+            schedule_ms.append(schedule_cost(db, len(users)))
     finally:
         db.dispose()
     return 1000 * cpu / accepted, 1000 * wall / accepted, accepted
+
+
+schedule_ms: list[float] = []
+
+
+def schedule_cost(db: Any, patients: int) -> float:
+    """CPU ms per enrolled patient of one schedule run (absence rules), after the histories are in."""
+    from fhir_bridge.rules.engine import run_scheduled_rules
+
+    cpu = time.process_time()
+    with db.transaction() as session:
+        run_scheduled_rules(session, datetime.now(UTC))
+    return 1000 * (time.process_time() - cpu) / patients
 
 
 def run(
@@ -153,6 +168,7 @@ def run(
     with tempfile.TemporaryDirectory(prefix="bench-rules-") as tmp:
         workdir = Path(tmp)
         measure(database_url, "rules", min(patients, 2), batch, False, workdir)  # warm-up: imports, caches
+        schedule_ms.clear()
         for single in (False, True):
             pattern = "1 record/push" if single else f"{batch} records/push"
             results: dict[str, list[tuple[float, float, int]]] = {m: [] for m in ("off", "ledger", "rules")}
@@ -170,6 +186,15 @@ def run(
                         "records": samples[0][2],
                     }
                 )
+    if schedule_ms:
+        figures.append(
+            {
+                "backend": label,
+                "pattern": "schedule run",
+                "schedule_cpu_ms_per_patient": statistics.median(schedule_ms),
+                "patients": patients,
+            }
+        )
     return figures
 
 
@@ -213,11 +238,20 @@ def main(argv: list[str]) -> int:
                 pg.stop()
     print(f"{'backend':10} {'pattern':18} {'config':7} {'CPU ms/rec':>10} {'wall ms/rec':>11} {'records':>8}")
     for f in figures:
+        if "schedule_cpu_ms_per_patient" in f:
+            continue
         print(
             f"{f['backend']:10} {f['pattern']:18} {f['config']:7} {f['cpu_ms_per_record']:>10.3f} "
             f"{f['wall_ms_per_record']:>11.3f} {f['records']:>8}"
         )
-    by = {(f["backend"], f["pattern"], f["config"]): f for f in figures}
+    for f in figures:
+        if "schedule_cpu_ms_per_patient" in f:
+            print(
+                f"schedule run (absence rules), {f['backend']}: "
+                f"{f['schedule_cpu_ms_per_patient']:.3f} CPU ms per enrolled patient "
+                f"({f['patients']} patients with 120 days of data)"
+            )
+    by = {(f["backend"], f["pattern"], f["config"]): f for f in figures if "records" in f}
     for backend, pattern, _ in sorted({k for k in by if k[2] == "rules"}):
         extra = (
             by[(backend, pattern, "rules")]["cpu_ms_per_record"]

@@ -196,6 +196,23 @@ def load_history(
     return History(rows, since=since)
 
 
+def load_latest(
+    session: Session, tenant_id: str, patient_id: str, codes: Iterable[str], *, since: datetime | None = None
+) -> History:
+    """Only the latest measurement of each code (``*``: of any code), one index probe each: enough for
+    rules that read nothing else (``Rule.latest_only``), e.g. absence of data on the schedule."""
+    rows: list[tuple[str, datetime, float, int]] = []
+    base = select(Measurement.code, Measurement.at, Measurement.value, Measurement.utc_offset_min).where(
+        Measurement.tenant_id == tenant_id, Measurement.patient_id == patient_id
+    )
+    for code in sorted(set(codes)):
+        query = base if code == ANY else base.where(Measurement.code == code)
+        row = session.execute(query.order_by(Measurement.at.desc()).limit(1)).first()
+        if row is not None:
+            rows.append((row[0], row[1], row[2], row[3]))
+    return History(rows, since=since)
+
+
 # -- evaluation -----------------------------------------------------------------------------------
 
 
@@ -265,7 +282,10 @@ def evaluate_patient(
     codes: set[str] = set()
     for rule, _, _ in plan:
         codes |= rule.codes
-    history = load_history(session, tenant_id, patient_id, codes, since=since)
+    if schedule and all(rule.latest_only for rule, _, _ in plan):
+        history = load_latest(session, tenant_id, patient_id, codes, since=since)
+    else:
+        history = load_history(session, tenant_id, patient_id, codes, since=since)
     fired: list[Alert] = []
     for rule, moments, end_only in plan:
         episode = episodes[rule.id]

@@ -246,6 +246,8 @@ FUNCTIONS: dict[str, Function] = {
 }
 
 
+LATEST_ONLY = frozenset({"latest", "days_since_last"})
+
 # -- expressions --------------------------------------------------------------------------------
 
 _BINOPS: dict[type[ast.operator], Callable[[float, float], float]] = {
@@ -269,6 +271,12 @@ class Expr:
     source: str
     tree: ast.expr
     codes: frozenset[str]
+
+    @property
+    def functions(self) -> frozenset[str]:
+        return frozenset(
+            n.func.id for n in ast.walk(self.tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+        )
 
 
 def compile_expr(source: Any, where: str, names: set[str], params: Mapping[str, float]) -> Expr:
@@ -423,6 +431,15 @@ class Rule:
         for _, expr in self.let:
             out |= expr.codes
         return frozenset(out)
+
+    @property
+    def latest_only(self) -> bool:
+        """Whether the rule reads nothing but the latest value of each code (so its history can be just
+        those: what makes the schedule run cheap for absence rules)."""
+        used: set[str] = set(self.when.functions)
+        for _, expr in self.let:
+            used |= expr.functions
+        return used <= LATEST_ONLY
 
     def check(self, ctx: AsOf) -> tuple[bool, dict[str, Value]]:
         """Whether the rule's condition holds as of ``ctx.at``, and the named values it computed."""

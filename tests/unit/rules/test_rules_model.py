@@ -211,6 +211,11 @@ def test_the_shipped_defaults_carry_the_documented_ids() -> None:
     assert safety.flag.category == ("safety", "behavioral") and safety.task.priority == "urgent"
 
 
+def test_absence_rules_read_only_latest_values_so_the_schedule_stays_cheap() -> None:
+    rules = load_rules()
+    assert [r.id for r in rules.rules if r.latest_only] == ["safety-item9", "severe", "disengagement"]
+
+
 def test_tenant_files_replace_rules_by_id_and_can_turn_one_off(tmp_path: Path) -> None:
     write(
         tmp_path,

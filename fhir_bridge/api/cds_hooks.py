@@ -9,7 +9,8 @@ Authentication (CDS Hooks 2.0 "Trusting CDS Clients"): every hook call carries
 
 * the token is at most 8 KiB, its ``alg`` is RS384 or ES384, and it names a ``kid``;
 * ``iss`` is the ``cds_client_iss`` registered for exactly one active tenant (the allow-list);
-* the signature verifies with that tenant's keys: inline ``cds_client_jwks``, or fetched from its
+* the signature verifies with exactly one of that tenant's keys (by ``kid`` and the key type the
+  ``alg`` needs): inline ``cds_client_jwks``, or fetched from its
   registered ``cds_client_jwks_url`` (through the same SSRF-guarded fetcher as vendor keys). A ``jku``
   header must equal that URL; any other ``jku`` is refused and never fetched;
 * ``aud`` is this service's URL exactly; ``exp`` is present and at most 5 minutes ahead (+60 s
@@ -131,7 +132,7 @@ def authenticate(token: str, audience: str) -> Tenant:
         raise Unauthorized(
             "The CDS Hooks JWT jku is not the JWKS URL registered for this client.", code="invalid-token"
         )
-    keys = _keys(tenant, kid)
+    keys = _keys(tenant, kid, "RSA" if alg == "RS384" else "EC")
     try:
         verified = jwt.decode(token, keys, algorithms=[alg], registry=_REGISTRY)
     except (JoseError, ValueError):
@@ -143,21 +144,26 @@ def authenticate(token: str, audience: str) -> Tenant:
     return tenant
 
 
-def _keys(tenant: Tenant, kid: str) -> KeySet:
+def _keys(tenant: Tenant, kid: str, kty: str) -> KeySet:
     data: Any = tenant.cds_client_jwks
     if data is None and tenant.cds_client_jwks_url:
         fetcher: JwksFetcher = current_app.extensions[FETCHER_KEY]
         try:
             data = fetcher.get(tenant.cds_client_jwks_url)
-            if not any(k.get("kid") == kid for k in data.get("keys", [])):
+            if not any(isinstance(k, dict) and k.get("kid") == kid for k in data.get("keys", [])):
                 data = fetcher.get(tenant.cds_client_jwks_url, force_refresh=True)
         except JwksFetchError:
             raise Unauthorized("The CDS client's keys could not be fetched.", code="invalid-token") from None
     if not isinstance(data, dict):
         raise Unauthorized("No keys are registered for this CDS client.", code="invalid-token")
-    matching = [k for k in data.get("keys", []) if isinstance(k, dict) and k.get("kid") == kid]
+    matching = [
+        k for k in data.get("keys", []) if isinstance(k, dict) and k.get("kid") == kid and k.get("kty") == kty
+    ]
     if len(matching) != 1:
-        raise Unauthorized("No single registered key matches the CDS Hooks JWT kid.", code="invalid-token")
+        raise Unauthorized(
+            "No single registered key matches the CDS Hooks JWT kid (and the key type its alg needs).",
+            code="invalid-token",
+        )
     try:
         return KeySet.import_key_set({"keys": matching})
     except (JoseError, ValueError, TypeError):

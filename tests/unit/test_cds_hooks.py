@@ -118,7 +118,23 @@ def cds_app(make_app: Any) -> Flask:
     return app
 
 
-def token(key: RSAKey | ECKey, alg: str = "ES384", **claims: Any) -> str:
+def forged(header: dict[str, Any]) -> str:
+    """A token with a header we choose and a junk signature (alg confusion attempts)."""
+    import base64
+    import json
+
+    def part(obj: Any) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    now = int(time.time())
+    claims = {"iss": EHR_ISS, "aud": "https://bridge.example.org/cds-services/fhir-bridge-alerts",
+              "exp": now + 200, "jti": uuid.uuid4().hex}  # fmt: skip
+    return f"{part(header)}.{part(claims)}.c2lnbmF0dXJl"
+
+
+def token(
+    key: RSAKey | ECKey, alg: str = "ES384", header: dict[str, Any] | None = None, **claims: Any
+) -> str:
     now = int(time.time())
     body = {
         "iss": EHR_ISS,
@@ -129,7 +145,9 @@ def token(key: RSAKey | ECKey, alg: str = "ES384", **claims: Any) -> str:
         "jti": uuid.uuid4().hex,
     } | claims
     body = {k: v for k, v in body.items() if v is not None}
-    return jwt.encode({"alg": alg, "kid": key.kid, "typ": "JWT"}, body, key, algorithms=[alg])
+    return jwt.encode(
+        {"alg": alg, "kid": key.kid, "typ": "JWT"} | (header or {}), body, key, algorithms=[alg]
+    )
 
 
 def hook(patient: str = "p1", **extra: Any) -> dict[str, Any]:
@@ -189,6 +207,14 @@ def test_patient_view_returns_a_card_per_open_alert_with_a_smart_link(cds_app: F
         (lambda: token(vendor_key("ES384", "ehr"), exp=int(time.time()) - 600), "invalid-token"),
         (lambda: token(vendor_key("ES384", "ehr"), exp=int(time.time()) + 3600), "invalid-token"),
         (lambda: token(vendor_key("ES384", "ehr"), jti=None), "invalid-token"),
+        (lambda: forged({"alg": "none", "kid": vendor_key("ES384", "ehr").kid}), "invalid-token"),
+        (lambda: forged({"alg": "HS256", "kid": vendor_key("ES384", "ehr").kid}), "invalid-token"),
+        (
+            lambda: token(vendor_key("ES384", "ehr"), header={"jku": "https://evil.example/jwks"}),
+            "invalid-token",
+        ),
+        (lambda: token(vendor_key("ES384", "ehr"), header={"jwk": {"kty": "EC"}}), "invalid-token"),
+        (lambda: token(vendor_key("RS384", "ehr"), alg="RS384"), "invalid-token"),  # not a registered key
     ],
 )
 def test_a_caller_without_a_valid_jwt_from_a_registered_cds_client_is_refused(

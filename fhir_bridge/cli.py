@@ -377,12 +377,6 @@ def _merge_quirks(current: dict[str, Any] | None, changes: dict[str, Any]) -> di
     return {key: value for key, value in merged.items() if value is not None}
 
 
-DEFAULT_BACKEND_SCOPES = (
-    "system/Observation.c system/QuestionnaireResponse.c system/Device.c system/Provenance.c "
-    "system/Observation.rs system/Device.rs"
-)
-
-
 @ehr.command("add")
 @click.argument("tenant_id")
 @click.option("--fhir-base", required=True, help="The EHR's FHIR base URL (https).")
@@ -394,13 +388,13 @@ def ehr_add(ctx: Context, tenant_id: str, fhir_base: str, **opts: Any) -> None:
 
     from sqlalchemy import select
 
-    from fhir_bridge.storage.models import Tenant
+    from fhir_bridge.storage.models import DEFAULT_BACKEND_SCOPES, Tenant
 
     if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", tenant_id):
         raise click.BadParameter("use 1-64 lower-case letters, digits, '-' or '_'", param_hint="TENANT_ID")
     values = _tenant_values(ctx, fhir_base, **opts)
     values.setdefault("name", tenant_id)
-    values.setdefault("backend_scopes", DEFAULT_BACKEND_SCOPES)
+    values.setdefault("backend_scopes", DEFAULT_BACKEND_SCOPES)  # the model's default, spelt out
     database = _database(ctx)
     try:
         with database.transaction() as session:
@@ -976,8 +970,17 @@ def sandbox() -> None:
 @click.option("--public-url", help="URL apps reach the sandbox at (default: http://HOST:PORT).")
 @click.option(
     "--bridge-url",
-    help="Register the fhir-bridge at this URL: its SMART app (launch URL, /callback) and its "
+    help="Register the fhir-bridge at this URL: its SMART app (launch URL, /callback/TENANT) and its "
     "backend-services client (JWKS at /.well-known/jwks.json).",
+)
+@click.option(
+    "--bridge-tenant",
+    "bridge_tenants",
+    multiple=True,
+    default=["sandbox"],
+    show_default=True,
+    help="The tenant id the bridge knows this sandbox by (repeat for several): its redirect URI is "
+    "BRIDGE_URL/callback/TENANT.",
 )
 @click.option(
     "--clients",
@@ -994,6 +997,7 @@ def sandbox_serve(
     data_dir: str,
     public_url: str | None,
     bridge_url: str | None,
+    bridge_tenants: tuple[str, ...],
     clients_file: str | None,
     no_seed: bool,
 ) -> None:
@@ -1015,6 +1019,7 @@ def sandbox_serve(
             config,
             clients_file=clients,
             bridge_url=bridge_url,
+            bridge_tenants=bridge_tenants,
             log_level="WARNING",
             log_format=ctx.settings.log_format,
         )
@@ -1036,6 +1041,7 @@ def sandbox_serve(
         port=port,
         clients_file=clients,
         bridge_url=bridge_url,
+        bridge_tenants=bridge_tenants,
         log_level=ctx.settings.log_level,
         log_format=ctx.settings.log_format,
     )

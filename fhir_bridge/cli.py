@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from datetime import timedelta
 from functools import update_wrapper
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -1045,6 +1046,48 @@ def sandbox_serve(
         log_level=ctx.settings.log_level,
         log_format=ctx.settings.log_format,
     )
+
+
+# -- demo (development and demo only) ----------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65534),
+    default=9090,
+    show_default=True,
+    help="Port of the sandbox EHR (the URL to open); the bridge uses PORT + 1. 0: any free ports.",
+)
+@click.option(
+    "--patients",
+    type=click.IntRange(1, 6),
+    default=5,
+    show_default=True,
+    help="Sandbox patients who use the synthetic app (patient n has story n mod 5).",
+)
+@click.option(
+    "--days",
+    type=click.IntRange(1, 3650),
+    default=120,
+    show_default=True,
+    help="Days of app data per patient, ending now (the stories need 70 or more to show their alerts).",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Keep the demo's databases, keys and logs here (reused on the next run). Default: a temporary "
+    "folder, removed when the demo stops.",
+)
+def demo(port: int, patients: int, days: int, data_dir: Path | None) -> None:
+    """The whole virtual clinic on this machine: sandbox EHR, fhir-bridge, its worker and a synthetic app.
+
+    Prints the one URL to open (the sandbox EHR's chart) once the app's data is in the EHR; Ctrl-C
+    stops everything. Development and demos only: synthetic data, no passwords.
+    """
+    from fhir_bridge.sandbox.demo import DemoConfig, run_demo
+
+    sys.exit(run_demo(DemoConfig(port=port, patients=patients, days=days, data_dir=data_dir)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -184,9 +184,6 @@ def run_demo(config: DemoConfig, *, out: TextIO | None = None, err: TextIO | Non
 def _start(config: DemoConfig, data: Path, logs: Path, children: _Children, err: TextIO) -> str:
     ehr_port = config.port or _free_port()
     bridge_port = config.port + 1 if config.port else _free_port()
-    for port in (ehr_port, bridge_port):
-        if _port_open(port):
-            raise DemoError(f"port {port} is in use; choose another with --port (the bridge uses --port + 1)")
     ehr_url, bridge_url = f"http://127.0.0.1:{ehr_port}", f"http://127.0.0.1:{bridge_port}"
     fhir_base = f"{ehr_url}/fhir"
     env = _bridge_env(data, bridge_url)
@@ -198,6 +195,9 @@ def _start(config: DemoConfig, data: Path, logs: Path, children: _Children, err:
         f"at {ehr_url}, fhir-bridge at {bridge_url}, data in {data}",
         file=err,
     )
+    for port in (ehr_port, bridge_port):
+        if _port_open(port):
+            raise DemoError(f"port {port} is in use; choose another with --port (the bridge uses --port + 1)")
     svc = _prepare_bridge(env, fhir_base, ehr_url)
     try:
         key = vendor_sim.load_or_create_key(data / "vendor-key.json")

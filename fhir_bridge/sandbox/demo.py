@@ -184,6 +184,8 @@ def run_demo(config: DemoConfig, *, out: TextIO | None = None, err: TextIO | Non
 def _start(config: DemoConfig, data: Path, logs: Path, children: _Children, err: TextIO) -> str:
     ehr_port = config.port or _free_port()
     bridge_port = config.port + 1 if config.port else _free_port()
+    while bridge_port == ehr_port:  # two free-port picks may, rarely, return the same port
+        bridge_port = _free_port()
     ehr_url, bridge_url = f"http://127.0.0.1:{ehr_port}", f"http://127.0.0.1:{bridge_port}"
     fhir_base = f"{ehr_url}/fhir"
     env = _bridge_env(data, bridge_url)

@@ -8,6 +8,7 @@ through the SMART launch, and an alert. The alert is raised by the rules engine 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from tests.support.demo import DemoProcess, alive
 pytestmark = [pytest.mark.browser]
 
 NON_RESPONDER = "Alex Rivera"
+ALERT_WAIT = 20.0  # seconds the rules engine gets after delivery before the alert counts as missing
 
 
 @pytest.fixture(scope="module")
@@ -74,16 +76,27 @@ def test_the_non_responder_launched_from_the_demo_chart_has_data_and_an_alert(de
         screenshot(page, "demo-chart-launch.png")
         assert shot.exists()  # docs/demo-dashboard.png is a copy of it (README walkthrough)
 
-        # The alert: "no response" (PHQ-9 down less than 50 % at 8 weeks), from the rules engine.
-        alerts = frame.locator("#alerts li.alert")
-        if alerts.count() == 0:
+        # The alert: "no response" (PHQ-9 down less than 50 % at 8 weeks), from the rules engine. It
+        # may be raised a moment after delivery, so the summary is asked again for a little while.
+        alerts = data["alerts"]
+        deadline = time.monotonic() + ALERT_WAIT
+        while not (alerts["bridge"] or alerts["ehr"]) and time.monotonic() < deadline:
+            time.sleep(1)
+            alerts = frame.evaluate("async () => (await fetch('api/summary')).json()")["alerts"]
+        if not (alerts["bridge"] or alerts["ehr"]):
             pytest.xfail(
                 reason="issue 8 (rules engine, branch `rules`) has not landed: no alert is raised yet; "
                 "the lead removes this xfail at merge"
             )
-        assert any(a["rule"] == "no-response" for a in data["alerts"]["bridge"]) or any(
-            "respon" in a.get("text", "").lower() for a in data["alerts"]["ehr"]
-        ), data["alerts"]
+        rules = {a["rule"] for a in alerts["bridge"]}
+        assert "no-response" in rules or any("respon" in a.get("text", "").lower() for a in alerts["ehr"]), (
+            alerts
+        )
+        assert not rules & {"safety-item9", "disengagement", "alliance-drop", "severe"}, rules
+        whole.reload()
+        whole.wait_for_selector("body[data-state=ready]", timeout=60_000)
+        assert whole.locator("#alerts li.alert").count() >= 1, whole.inner_text("#alerts")
+        screenshot(whole, "demo-dashboard-alert.png")
 
 
 def test_ctrl_c_stops_the_demo_and_every_process_it_started(demo: dict[str, Any]) -> None:

@@ -81,11 +81,11 @@ class Base(DeclarativeBase):
 
 # What the backend-services writer asks an EHR for: every type delivery writes (the records' resources,
 # the app's Device, each batch's Provenance, alerts as Flag and follow-up Task, Consent on enrollment),
-# `u` for the upserts (conditional update by identifier), and reads/searches of the Devices and
+# `u` and `s` for the upserts (conditional update by identifier), and reads/searches of the Devices and
 # Observations it resolves. A tenant row made without scopes gets this; `ehr add --scopes` narrows it.
 DEFAULT_BACKEND_SCOPES = (
     "system/Observation.cu system/QuestionnaireResponse.cu system/Device.cu system/Provenance.c "
-    "system/Flag.cu system/Task.cu system/Consent.cu system/Observation.rs system/Device.rs"
+    "system/Flag.cus system/Task.cus system/Consent.cus system/Observation.rs system/Device.rs"
 )
 
 

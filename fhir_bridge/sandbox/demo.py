@@ -335,6 +335,7 @@ def _drain(svc: Any, children: _Children, logs: Path, err: TextIO) -> None:
             children.check(logs)
             time.sleep(0.3)
             total, now_done, _ = counts()
+            bar.length = max(total, 1)  # alerts may queue a Flag and a Task while we wait
             if now_done != done:
                 last_change = time.monotonic()
             done = now_done

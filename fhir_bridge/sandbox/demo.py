@@ -43,6 +43,8 @@ STATE_FILE = "demo.json"
 READY_TIMEOUT = 90.0
 STALL_TIMEOUT = 120.0  # no delivery progress for this long: something is wrong, say what
 STOP_GRACE = 10.0
+# Ctrl-C, a service manager's stop, and a closed terminal all stop the demo the same clean way.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class DemoError(RuntimeError):
@@ -133,7 +135,7 @@ def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
 
 @contextlib.contextmanager
 def _signals_interrupt() -> Iterator[None]:
-    previous = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, _raise_interrupt) for s in STOP_SIGNALS}
     try:
         yield
     finally:
@@ -142,7 +144,7 @@ def _signals_interrupt() -> Iterator[None]:
 
 
 def run_demo(config: DemoConfig, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """Run until SIGINT/SIGTERM; 0 after a clean stop, 1 when the demo could not start."""
+    """Run until SIGINT, SIGTERM or SIGHUP; 0 after a clean stop, 1 when the demo could not start."""
     out = out or sys.stdout
     err = err or sys.stderr
     temporary = config.data_dir is None
@@ -173,8 +175,10 @@ def run_demo(config: DemoConfig, *, out: TextIO | None = None, err: TextIO | Non
             click.echo(f"logs: {logs}", file=err)
             return 1
         finally:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            for (
+                signum
+            ) in STOP_SIGNALS:  # a second Ctrl-C (or a closed terminal) must not cut the clean-up short
+                signal.signal(signum, signal.SIG_IGN)
             children.stop_all()
             if temporary:
                 shutil.rmtree(data, ignore_errors=True)

@@ -1,8 +1,9 @@
 """`fhir-bridge demo` as a process: one URL on stdout, a working chart behind it, nothing left after a stop.
 
 The browser walk through the demo (launch, dashboard, alert) is tests/e2e/test_demo_browser.py;
-here are the process-level promises: Ctrl-C and SIGTERM stop every process the demo started, a
-kept data folder restarts without pushing the data again, and a busy port is a clear error.
+here are the process-level promises: Ctrl-C, SIGTERM and a closed terminal (SIGHUP) stop every process
+the demo started, a kept data folder restarts without pushing the data again, a temporary one is
+removed, and a busy port is a clear error.
 """
 
 from __future__ import annotations
@@ -69,3 +70,18 @@ def test_a_temporary_demo_leaves_no_folder_and_a_busy_port_is_a_clear_error(tmp_
         assert f"port {port} is in use" in demo.stderr()
     folder = re.search(r"data in (\S+)", demo.stderr())
     assert folder is not None and not Path(folder.group(1)).exists()
+
+
+def test_a_closed_terminal_stops_a_temporary_demo_and_removes_its_folder(tmp_path: Path) -> None:
+    demo, url = _start(tmp_path)
+    try:
+        folder = re.search(r"data in (\S+)", demo.stderr())
+        assert folder is not None and Path(folder.group(1)).is_dir()
+        assert requests.get(url, timeout=10).status_code == 200
+        started = demo.descendants()
+    except BaseException:
+        demo.kill_all()
+        raise
+    assert demo.stop(signal.SIGHUP) == 0
+    assert alive(started) == set()
+    assert not Path(folder.group(1)).exists()

@@ -80,12 +80,14 @@ class Base(DeclarativeBase):
 
 
 # What the backend-services writer asks an EHR for: every type delivery writes (the records' resources,
-# the app's Device, each batch's Provenance, alerts as Flag and follow-up Task, Consent on enrollment),
-# `u` and `s` for the upserts (conditional update by identifier), and reads/searches of the Devices and
-# Observations it resolves. A tenant row made without scopes gets this; `ehr add --scopes` narrows it.
+# the app's Device, each batch's Provenance, alerts as Flag and follow-up Task (issue 8), Consent, Goal,
+# Communication and Task of the two-way relationship (issue 10)), `u` and `s` for the upserts
+# (conditional update by identifier), and reads/searches of the Devices and Observations it resolves.
+# A tenant row made without scopes gets this; `ehr add --scopes` narrows it.
 DEFAULT_BACKEND_SCOPES = (
     "system/Observation.cu system/QuestionnaireResponse.cu system/Device.cu system/Provenance.c "
-    "system/Flag.cus system/Task.cus system/Consent.cus system/Observation.rs system/Device.rs"
+    "system/Flag.cus system/Task.cus system/Consent.cus system/Goal.cus system/Communication.cus "
+    "system/Observation.rs system/Device.rs"
 )
 
 

@@ -100,10 +100,20 @@ def test_the_bridge_is_registered_with_one_redirect_uri_per_tenant_id() -> None:
 
 
 def test_the_sandbox_grants_the_backend_writer_every_scope_a_tenant_asks_for_by_default() -> None:
-    """Delivery writes Device, Provenance, Flag, Task, Consent and the records' resources."""
+    """Delivery writes Device, Provenance, Flag, Task, Consent, Goal, Communication and the records."""
     _, backend = bridge_clients("https://bridge.example")
     requested = split(DEFAULT_BACKEND_SCOPES)
-    for resource_type in ("Observation", "QuestionnaireResponse", "Device", "Provenance", "Flag", "Task"):
+    for resource_type in (
+        "Observation",
+        "QuestionnaireResponse",
+        "Device",
+        "Provenance",
+        "Flag",
+        "Task",
+        "Consent",
+        "Goal",
+        "Communication",
+    ):
         assert f"system/{resource_type}.c" in requested or any(
             s.startswith(f"system/{resource_type}.c") for s in requested
         ), resource_type

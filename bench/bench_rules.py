@@ -39,15 +39,9 @@ STORIES = ("responder", "non-responder", "silent", "safety", "alliance-drop")
 
 
 def story_records(key: str, app_user_id: str, end: datetime) -> list[dict[str, Any]]:
-    """The synthetic story generator once it is on main; the test stand-in until then."""
-    try:
-        from fhir_bridge.sandbox import synthetic  # type: ignore[attr-defined]
+    from fhir_bridge.sandbox import synthetic
 
-        return list(synthetic.generate(key, app_user_id=app_user_id, end=end))
-    except (ImportError, AttributeError):
-        from tests.support.rule_stories import history
-
-        return history(key, app_user_id=app_user_id, end=end)
+    return list(synthetic.generate(key, app_user_id=app_user_id, end=end))
 
 
 @contextmanager

@@ -18,11 +18,11 @@ from fhir_bridge import audit, enrollment, services
 from fhir_bridge.delivery import Worker
 from fhir_bridge.fhir_client import FhirClient
 from fhir_bridge.rules import engine
+from fhir_bridge.sandbox import synthetic
 from fhir_bridge.storage.models import Alert, Measurement, OutboxItem
 from tests.conftest import AppFactory
 from tests.integration.delivery.conftest import CLIENT_ID, drain
 from tests.support.outbox_seed import add_tenant
-from tests.support.rule_stories import source
 from tests.support.sekmet import SekmetServer
 from tests.support.vendor import Vendor, register
 
@@ -79,11 +79,11 @@ def test_stories_fire_exactly_their_alerts_once_into_the_ehr_and_acknowledging_c
     tenant = f"rules-{database}"
     add_tenant(svc.db, tenant, smart_ehr.base_url, client_id=CLIENT_ID)
     vendor = register(app, f"mindful-{database}")
-    expected, generate = source()
+    expected = {story.key: story.expected_alerts for story in synthetic.stories()}
     run = uuid.uuid4().hex[:8]
     end = datetime.now(UTC)
     patients = {key: f"p-{key}-{run}" for key in expected}
-    stories = {key: generate(key, app_user_id=f"u-{key}-{run}", end=end) for key in expected}
+    stories = {key: synthetic.generate(key, app_user_id=f"u-{key}-{run}", end=end) for key in expected}
     for key in expected:
         _enroll(app, vendor, tenant, patients[key], f"u-{key}-{run}")
         # Different batch sizes: the firings must not depend on how the history arrives.

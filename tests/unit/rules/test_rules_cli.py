@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
 from click.testing import CliRunner
 
 from fhir_bridge.cli import cli
-from tests.support.rule_stories import history
+from fhir_bridge.sandbox import synthetic
 
 END = datetime(2026, 12, 7, 12, tzinfo=UTC)
 
@@ -22,10 +23,10 @@ def run(tmp_path: Path, *args: str) -> tuple[int, str]:
 
 def test_rules_test_prints_what_a_story_would_fire(tmp_path: Path) -> None:
     path = tmp_path / "silent.json"
-    path.write_text(json.dumps(history("silent", app_user_id="u1", end=END)))
+    path.write_text(json.dumps(synthetic.generate("silent", app_user_id="u1", end=END)))
     code, out = run(tmp_path, "rules", "test", str(path), "--now", END.isoformat())
     assert code == 0, out
-    assert "disengagement" in out and "No app data for 14 days" in out
+    assert re.search(r"disengagement +routine +No app data for 1[45] days \(the latest is from ", out), out
     code, out = run(tmp_path, "rules", "test", str(path), "--now", END.isoformat(), "--json")
     assert [f["rule"] for f in json.loads(out)] == ["disengagement"]
 

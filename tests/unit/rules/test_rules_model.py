@@ -18,12 +18,12 @@ from fhir_bridge.rules.model import (
     run_rule,
     simulate,
 )
+from fhir_bridge.sandbox import synthetic
 from mappings import MappingContext, load_catalog
-from tests.support.rule_stories import source
 
 T0 = datetime(2026, 9, 7, 18, 0, tzinfo=UTC)
 CATALOG = load_catalog()
-EXPECTED, GENERATE = source()
+EXPECTED = {story.key: story.expected_alerts for story in synthetic.stories()}
 
 
 def day(n: float) -> datetime:
@@ -108,7 +108,7 @@ def test_an_episode_fires_once_until_its_condition_clears_and_the_alert_is_close
 
 def _story_rows(key: str, end: datetime) -> list[tuple[str, datetime, float, int]]:
     rows: list[tuple[str, datetime, float, int]] = []
-    for record in GENERATE(key, app_user_id="u1", end=end):
+    for record in synthetic.generate(key, app_user_id="u1", end=end):
         result = CATALOG.map(
             record["measure"],
             record["data"],

@@ -1,11 +1,12 @@
 """Rule evaluation cost per accepted record: the push path with rules, next to the same push without them.
 
 In-process, on one database per configuration (SQLite, and PostgreSQL when its binaries are installed):
-a tenant, a vendor and one enrolled app user per story; each story's 120-day history (about 130 native
-records: weekly PHQ-9, fortnightly D-WAI, daily steps) is pushed through :func:`fhir_bridge.push.push`
-the way an app syncs, in batches of ``--batch`` records, and then again one record per push (the worst
-case: every record evaluates the rules over the patient's whole history). Three configurations, same
-run, same records:
+a tenant, a vendor and ``--patients`` enrolled app users (the five stories in turn); each story's
+120-day history from ``fhir_bridge.sandbox.synthetic`` (about 470 native records: daily steps, sleep,
+engagement and mood, weekly PHQ-9, fortnightly GAD-7 and D-WAI) is pushed through
+:func:`fhir_bridge.push.push` the way an app syncs, in batches of ``--batch`` records, and then again
+one record per push (the worst case: every record evaluates the rules over the patient's whole
+history). Three configurations, same run, same records:
 
 * ``off``: the rules hook replaced by a no-op (the push as it was before issue 8);
 * ``ledger``: measurements written to the ledger, every rule disabled;

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 from sqlalchemy import Table, insert, or_, select, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from fhir_bridge.rules.model import (
@@ -160,7 +161,8 @@ def on_accepted(
     if rules_dir is None:
         rules_dir = configured_rules_dir()
     fired: list[Alert] = []
-    for entry in touched.values():
+    # In (tenant, patient) order: two pushes locking the same patients always lock them in one order.
+    for entry in sorted(touched.values(), key=lambda e: (e.tenant_id, e.patient_id)):
         fired += evaluate_patient(
             session,
             entry.tenant_id,
@@ -274,7 +276,11 @@ def evaluate_patient(
             candidates.append((rule, moments, rule.trigger == "schedule"))
     if not candidates:
         return []
-    _lock_patient(session, tenant_id, patient_id)
+    if not schedule:
+        # Not on the schedule: its transaction would hold every patient's lock until the run ends,
+        # blocking their pushes. The race it leaves (a push and the run at once) is benign: the
+        # open-alert index stops a second alert, and the next data ends an absence episode.
+        _lock_patient(session, tenant_id, patient_id)
     episodes = _episodes(session, tenant_id, patient_id)
     plan = [c for c in candidates if not (c[2] and episodes[c[0].id].ongoing is None)]
     if not plan:
@@ -443,17 +449,21 @@ def run_scheduled_rules(session: Session, now: datetime, *, rules_dir: Path | No
         rules = ruleset_for(tenant_id, rules_dir)
         if not any(r.trigger == "schedule" for r in rules.enabled()):
             continue
-        fired += evaluate_patient(
-            session,
-            tenant_id,
-            patient_id,
-            enrollment_id,
-            (),
-            now=now,
-            rules=rules,
-            schedule=True,
-            since=claimed_at or created_at,
-        )
+        try:
+            with session.begin_nested():  # one patient's conflict must not undo the whole run
+                fired += evaluate_patient(
+                    session,
+                    tenant_id,
+                    patient_id,
+                    enrollment_id,
+                    (),
+                    now=now,
+                    rules=rules,
+                    schedule=True,
+                    since=claimed_at or created_at,
+                )
+        except IntegrityError:
+            log.warning("scheduled rule raced a push; next run retries", extra={"tenant": tenant_id})
     return fired
 
 

@@ -1,7 +1,7 @@
 """Rules end to end: each story's history is pushed through the real vendor API, the worker runs the
 schedule rules and delivers to the third-party FHIR server; exactly the expected alerts fire, once each,
-and are in the EHR as Flag/Task; replaying the pushes fires nothing new; acknowledging sets the Flag
-inactive and the Task completed in the EHR."""
+and are in the EHR as Flag/Task; replaying the pushes fires nothing new; acknowledging in the dashboard
+(HTTP, a seeded launch) sets the Flag inactive and the Task completed in the EHR and audits who."""
 
 from __future__ import annotations
 
@@ -14,16 +14,18 @@ import pytest
 from flask import Flask
 from sqlalchemy import func, select
 
-from fhir_bridge import audit, enrollment, services
+from fhir_bridge import enrollment, services
 from fhir_bridge.delivery import Worker
 from fhir_bridge.fhir_client import FhirClient
 from fhir_bridge.rules import engine
 from fhir_bridge.sandbox import synthetic
-from fhir_bridge.storage.models import Alert, Measurement, OutboxItem
+from fhir_bridge.storage.models import Alert, AuditEvent, Measurement, OutboxItem
+from smart_app import web
 from tests.conftest import AppFactory
 from tests.integration.delivery.conftest import CLIENT_ID, drain
 from tests.support.outbox_seed import add_tenant
 from tests.support.sekmet import SekmetServer
+from tests.support.smart_seed import seed_launch
 from tests.support.vendor import Vendor, register
 
 pytestmark = [pytest.mark.ehr]
@@ -142,19 +144,25 @@ def test_stories_fire_exactly_their_alerts_once_into_the_ehr_and_acknowledging_c
             == queued
         )
 
-    # Acknowledge the safety alert (as the dashboard does): Flag inactive, Task completed in the EHR.
+    # A clinician acknowledges the safety alert in the dashboard (a launch for that patient).
     safety_alert = next(a for a in alerts if a.rule_id == "safety-item9")
+    launch_id, handle = seed_launch(
+        app, tenant_id=tenant, patient_id=patients["safety"], access_token="unused"
+    )
+    browser = app.test_client()
+    browser.set_cookie(web.DEV_COOKIE, handle, domain="127.0.0.1")
+    acked = browser.post(
+        f"/app/{launch_id}/api/alerts/{safety_alert.id}/acknowledge",
+        json={},
+        headers={web.CSRF_HEADER: web.csrf_token(svc.secret_key, launch_id)},
+        base_url=svc.settings.public_url,
+    )
+    assert acked.status_code == 200, acked.get_data(as_text=True)
     with svc.db.transaction() as session:
-        row = session.get(Alert, safety_alert.id)
-        assert row is not None
-        row.status, row.acknowledged_at, row.acknowledged_by = (
-            "acknowledged",
-            datetime.now(UTC),
-            "Practitioner/dr1",
-        )
-        assert engine.acknowledged(session, row, row.acknowledged_at) == ["Flag", "Task"]
-        audit.record(session, actor_type="user", actor_id="Practitioner/dr1", action="alert.acknowledge",
-                     tenant_id=tenant, patient_id=row.patient_id, target=f"alert/{row.id}")  # fmt: skip
+        audits = session.scalars(select(AuditEvent).where(AuditEvent.action == "alert.acknowledge")).all()
+        assert [(a.actor_id, a.target) for a in audits] == [
+            ("Practitioner/bench", f"alert/{safety_alert.id}")
+        ]
     drain(worker, tenant)
     flags = _ehr(ehr_reader, "Flag", patients["safety"])
     tasks = _ehr(ehr_reader, "Task", patients["safety"])

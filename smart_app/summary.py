@@ -16,6 +16,8 @@ from typing import Any
 
 from mappings.identity import CANONICAL, CODE_SYSTEM_URL
 
+RULE_ALERT_SYSTEM = CANONICAL + "/sid/alert"  # fhir_bridge.rules.engine.ALERT_SYSTEM
+
 LOINC = "http://loinc.org"
 OUR_CODES = CODE_SYSTEM_URL
 
@@ -307,10 +309,14 @@ def alert_items(
                 "failed",
             }:
                 continue
-            ours = any(
-                isinstance(i, dict) and str(i.get("system", "")).startswith(CANONICAL)
-                for i in resource.get("identifier") or ()
-            )
+            systems = [
+                str(i.get("system", "")) for i in resource.get("identifier") or () if isinstance(i, dict)
+            ]
+            ours = any(system.startswith(CANONICAL) for system in systems)
+            if RULE_ALERT_SYSTEM in systems:
+                # A rules alert's own Flag/Task: the bridge list shows that alert (from our database,
+                # current even before an acknowledgement reaches the EHR), so it is not listed twice.
+                continue
             when = (
                 (resource.get("period") or {}).get("start") if kind == "Flag" else resource.get("authoredOn")
             )

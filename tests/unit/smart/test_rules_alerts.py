@@ -38,8 +38,19 @@ def test_acknowledging_a_rule_alert_closes_its_flag_and_task_in_the_outbox_and_a
         assert item is not None
         item.status, item.ehr_id = "delivered", "task-1"
 
+    # The EHR holds the safety Flag (delivered) and a Flag of its own: only the latter is listed as an
+    # EHR alert; the rule's own Flag is the bridge alert already shown.
+    ehr.flags = [
+        {"resourceType": "Flag", "id": "f-rule", "status": "active", "code": {"text": "Safety"},
+         "identifier": [{"system": engine.ALERT_SYSTEM, "value": safety.ident_value}],
+         "subject": {"reference": "Patient/p1"}},
+        {"resourceType": "Flag", "id": "f-own", "status": "active", "code": {"text": "Fall risk"},
+         "subject": {"reference": "Patient/p1"}},
+    ]  # fmt: skip
     launch_id = full_launch(browser, ehr)
-    shown = browser.get(f"/app/{launch_id}/api/summary", base_url=PUBLIC).json["alerts"]["bridge"]
+    alerts = browser.get(f"/app/{launch_id}/api/summary", base_url=PUBLIC).json["alerts"]
+    assert [a["id"] for a in alerts["ehr"]] == ["f-own"]
+    shown = alerts["bridge"]
     assert {(a["rule"], a["priority"], a["reason"]) for a in shown} == {
         ("safety-item9", "urgent", "safety-item9 reason"),
         ("disengagement", "routine", "disengagement reason"),
@@ -66,3 +77,9 @@ def test_acknowledging_a_rule_alert_closes_its_flag_and_task_in_the_outbox_and_a
             ("Practitioner/dr1", f"alert/{safety.id}"),
             ("Practitioner/dr1", f"alert/{silent.id}"),
         }
+
+
+def test_the_dashboard_knows_the_rules_identifier_system() -> None:
+    from smart_app.summary import RULE_ALERT_SYSTEM
+
+    assert RULE_ALERT_SYSTEM == engine.ALERT_SYSTEM

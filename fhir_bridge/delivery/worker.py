@@ -92,6 +92,7 @@ class Worker:
         self.policy = policy or Policy.from_services(services)
         self.directory = directory or TenantDirectory(services.db, services.keyring, services.settings)
         self.stop = threading.Event()
+        self._rules_due = 0.0  # monotonic time this process next asks whether schedule rules are due
 
     # -- one batch ------------------------------------------------------------------------------
 
@@ -124,6 +125,12 @@ class Worker:
         )
 
     def _scheduled_rules(self) -> None:
+        # Ask the database (a write transaction) only when this process thinks a run may be due: not
+        # on every loop, where it would sit between every two batches.
+        now = time.monotonic()
+        if now < self._rules_due:
+            return
+        self._rules_due = now + min(60.0, self.services.settings.rules_schedule_seconds)
         try:
             self.run_scheduled_rules()
         except SQLAlchemyError:

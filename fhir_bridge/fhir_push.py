@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from fhir_bridge.enrollment import APP_USER_ID, active_by_app_user
 from fhir_bridge.errors import BridgeError, operation_outcome
 from fhir_bridge.push import Prepared, Result, Work, existing_records
+from fhir_bridge.rules.fhir_measurements import measurements_of
 from fhir_bridge.storage.models import Enrollment, VendorClient
 from mappings import MappedResource
 from mappings.fhir_models import ValidationError, validate_resource
@@ -344,7 +345,16 @@ def process(
         results.append(EntryResult(201, record_uuid=record_uuid, resource=resource))
         result = Result(index=index, record_id=item.record_id, status="accepted", id=record_uuid)
         mapped = MappedResource(item.resource_type, system, value, our_url, resource)
-        prepared.append(Prepared(result, item.record_id, f"fhir:{item.resource_type}", enrollment, [mapped]))
+        prepared.append(
+            Prepared(
+                result,
+                item.record_id,
+                f"fhir:{item.resource_type}",
+                enrollment,
+                [mapped],
+                measurements_of(resource),  # the rules' ledger (fhir_bridge.rules)
+            )
+        )
 
     if all_or_nothing and any(r.problem is not None for r in results):
         return results, [], None

@@ -509,6 +509,12 @@ class FhirClient:
         path = f"{resource['resourceType']}/{resource['id']}"
         return self.request("PUT", path, body=resource, headers={"Prefer": prefer} if prefer else None)
 
+    def update_where(
+        self, resource: Mapping[str, Any], path: str, *, prefer: str | None = "return=minimal"
+    ) -> FhirResponse:
+        """Conditional update (``PUT Type?search``): creates on no match, replaces on one match."""
+        return self.request("PUT", path, body=resource, headers={"Prefer": prefer} if prefer else None)
+
     def bundle(
         self, bundle: Mapping[str, Any] | bytes, *, idempotent: bool, prefer: str | None = "return=minimal"
     ) -> dict[str, Any]:

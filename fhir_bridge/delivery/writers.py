@@ -235,7 +235,7 @@ class Plan:
             for item in group.items:
                 entry = self._item_entry(item, group)
                 self.items.append(entry)
-                if entry.method == "PUT":
+                if entry.method == "PUT" and "?" not in entry.url:
                     self.fixed_refs[entry.full_url] = entry.url
         self.fixed_refs.update(known or {})
         if self.fixed_refs:
@@ -284,6 +284,18 @@ class Plan:
                 resource,
                 "PUT",
                 f"{item.resource_type}/{item.ident_value}",
+                None,
+                item=item,
+                group=group,
+            )
+        if item.method == "upsert":
+            # Conditional update: creates the resource the first time, replaces it afterwards.
+            return Entry(
+                item.resource_type,
+                url_full,
+                item.body,
+                "PUT",
+                f"{item.resource_type}?{identifier_query(item.ident_system, item.ident_value)}",
                 None,
                 item=item,
                 group=group,
@@ -623,7 +635,9 @@ class RoundsWriter:
                 break
             self.requests += 1
             try:
-                if entry.method == "PUT":
+                if entry.method == "PUT" and "?" in entry.url:
+                    written = _written_from_response(self.client.update_where(entry.resource, entry.url))
+                elif entry.method == "PUT":
                     written = _written_from_response(self.client.update(entry.resource))
                 else:
                     written = _written_from_response(

@@ -6,9 +6,10 @@ from flask import Flask
 
 
 def init_app(app: Flask) -> None:
-    from fhir_bridge.api import enrollments, fhir, oauth, records
+    from fhir_bridge.api import enrollments, fhir, oauth, records, relationship
 
     oauth.init_app(app)
     app.register_blueprint(enrollments.bp)
     app.register_blueprint(records.bp)
+    app.register_blueprint(relationship.bp)
     app.register_blueprint(fhir.bp)

@@ -21,6 +21,8 @@ ALL_SCOPES = (
     "enrollments",
     "records.write",
     "records.read",
+    "relationship.read",
+    "messages.write",
     "system/Observation.c",
     "system/QuestionnaireResponse.c",
 )

@@ -19,6 +19,7 @@ from tests.support.sekmet import SekmetServer
 
 pytestmark = [pytest.mark.ehr]
 SYSTEM = "https://fhir-bridge.org/fhir/sid/consent"
+SCOPE = "http://terminology.hl7.org/CodeSystem/consentscope"
 
 
 def consent(patient: str, value: str, status: str) -> dict[str, object]:
@@ -26,7 +27,7 @@ def consent(patient: str, value: str, status: str) -> dict[str, object]:
         "resourceType": "Consent",
         "identifier": [{"system": SYSTEM, "value": value}],
         "status": status,
-        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
+        "scope": {"coding": [{"system": SCOPE, "code": "patient-privacy"}]},
         "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
         "patient": {"reference": f"Patient/{patient}"},
         "policyRule": {"text": "test"},

@@ -761,6 +761,40 @@ def vendor_add(
     click.echo(f"  token endpoint: {settings.url('/oauth/token')}")
 
 
+@vendor.command("webhook")
+@click.argument("client_id")
+@click.argument("url", required=False)
+@click.option("--remove", is_flag=True, help="Remove the webhook URL: no more events are sent.")
+@pass_ctx
+def vendor_webhook(ctx: Context, client_id: str, url: str | None, remove: bool) -> None:
+    """Set the HTTPS URL where the vendor receives signed change events (goals, tasks, messages)."""
+    from fhir_bridge.errors import BridgeError
+    from fhir_bridge.relationship import webhooks
+    from fhir_bridge.storage import Database
+
+    if (url is None) != remove:
+        raise click.UsageError("give the webhook URL, or --remove")
+    settings = ctx.settings
+    database = Database(settings.effective_database_url)
+    try:
+        webhooks.set_url(
+            database,
+            client_id=client_id,
+            url=url,
+            allow_insecure_loopback=settings.allow_insecure_loopback,
+            actor=_operator(),
+        )
+    except BridgeError as exc:
+        raise _bridge_error(exc) from None
+    finally:
+        database.dispose()
+    if url is None:
+        click.echo(f"vendor {client_id}: webhook removed")
+    else:
+        jwks = settings.url("/.well-known/jwks.json")
+        click.echo(f"vendor {client_id}: events go to {url}, signed with the keys at {jwks}")
+
+
 @vendor.command("list")
 @pass_ctx
 def vendor_list(ctx: Context) -> None:

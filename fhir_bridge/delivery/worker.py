@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import requests
 from sqlalchemy.exc import SQLAlchemyError
 
 from fhir_bridge.delivery import outbox
@@ -35,6 +36,7 @@ from fhir_bridge.delivery.outbox import Claim, Item, Result, Vendor
 from fhir_bridge.delivery.tenants import TenantDirectory, TenantRuntime
 from fhir_bridge.delivery.writers import Group, Written, make_outcome, make_writer
 from fhir_bridge.ops import metrics
+from fhir_bridge.relationship import webhooks
 from fhir_bridge.services import Services
 from fhir_bridge.storage.models import utcnow
 from mappings import MappedResource
@@ -91,11 +93,29 @@ class Worker:
         self.policy = policy or Policy.from_services(services)
         self.directory = directory or TenantDirectory(services.db, services.keyring, services.settings)
         self.stop = threading.Event()
+        self.webhook_http = requests.Session()
 
     # -- one batch ------------------------------------------------------------------------------
 
     def run_once(self, *, loop: int = 0) -> int:
-        """Claim and deliver one batch; returns how many items it handled (0: nothing was due)."""
+        """Claim and deliver one batch (and the vendors' due webhook events); how many were handled."""
+        return self._webhooks() + self._outbox_once(loop)
+
+    def _webhooks(self) -> int:
+        """Vendors' webhook events (issue 10), signed, at least once: fhir_bridge.relationship.webhooks."""
+        settings = self.services.settings
+        return webhooks.deliver_due(
+            self.db,
+            self.services.keyring,
+            issuer=settings.public_url,
+            http=self.webhook_http,
+            timeout=settings.http_timeout_seconds,
+            max_attempts=self.policy.max_attempts,
+            backoff=self.policy.backoff,
+            allow_insecure_loopback=settings.allow_insecure_loopback,
+        )
+
+    def _outbox_once(self, loop: int) -> int:
         tenants = self.directory.deliverable()
         if not tenants:
             return 0

@@ -107,3 +107,22 @@ def test_add_refuses_bad_keys_hosts_scopes_and_duplicates(app: Flask, tmp_path: 
     assert again.exit_code != 0 and "already registered" in again.output
     missing = runner.invoke(cli, ["vendor", "disable", "ghost"], env=_env(app))
     assert missing.exit_code != 0 and "no vendor" in missing.output
+
+
+def test_webhook_url_is_https_only_and_removable(app: Flask, tmp_path: Path) -> None:
+    from tests.support.vendor import register
+
+    register(app, "hooked-app")
+    runner = CliRunner()
+    env = _env(app)
+    plain = runner.invoke(cli, ["vendor", "webhook", "hooked-app", "http://hooks.acme.example/x"], env=env)
+    assert plain.exit_code != 0 and "https" in plain.output
+    ok = runner.invoke(cli, ["vendor", "webhook", "hooked-app", "https://hooks.acme.example/x"], env=env)
+    assert ok.exit_code == 0, ok.output
+    assert "/.well-known/jwks.json" in ok.output
+    unknown = runner.invoke(cli, ["vendor", "webhook", "nobody-app", "https://hooks.acme.example/x"], env=env)
+    assert unknown.exit_code != 0 and "no vendor" in unknown.output
+    removed = runner.invoke(cli, ["vendor", "webhook", "hooked-app", "--remove"], env=env)
+    assert removed.exit_code == 0 and "removed" in removed.output
+    both = runner.invoke(cli, ["vendor", "webhook", "hooked-app"], env=env)
+    assert both.exit_code != 0

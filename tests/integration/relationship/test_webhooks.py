@@ -1,0 +1,164 @@
+"""Webhooks reach a real local receiver that verifies them the way a vendor would: a JWT signed by a key
+of our published JWKS, for this vendor, with the event id as idempotency id, retried after a failure,
+and never for an enrollment that has ended."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from flask import Flask
+from joserfc import jwt
+from joserfc.jwk import KeySet
+from sqlalchemy import select
+
+from fhir_bridge import enrollment, services
+from fhir_bridge.delivery import Worker
+from fhir_bridge.relationship import goals, messages, webhooks
+from fhir_bridge.storage.models import WebhookEvent
+from tests.conftest import AppFactory
+from tests.support.procs import free_port
+from tests.support.vendor import Vendor, add_tenant, register
+
+
+class Receiver:
+    """A vendor's webhook endpoint on loopback: answers ``statuses`` in turn (then 200), keeps requests."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        self.statuses = statuses
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                status = receiver.statuses.pop(0) if receiver.statuses else 200
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.port = free_port()
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks"
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver([503])
+    r.thread.start()
+    yield r
+    r.server.shutdown()
+    r.server.server_close()
+
+
+def _verify(app: Flask, vendor: Vendor, token: bytes) -> dict[str, Any]:
+    """What the vendor does: fetch our JWKS, pick the key by kid, check signature, iss and aud."""
+    published = app.test_client().get("/.well-known/jwks.json").json
+    decoded = jwt.decode(token.decode(), KeySet.import_key_set(published), algorithms=["RS384", "ES384"])
+    public_url = services.from_app(app).settings.public_url
+    assert decoded.claims["iss"] == public_url and decoded.claims["aud"] == vendor.client_id
+    assert any(k["kid"] == decoded.header["kid"] for k in published["keys"])
+    return decoded.claims
+
+
+def _run_until(worker: Worker, done: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "webhook not delivered in time"
+        if not worker.run_once():
+            time.sleep(0.05)
+
+
+def test_events_are_signed_retried_with_one_id_and_stop_when_the_enrollment_ends(
+    make_app: AppFactory, receiver: Receiver
+) -> None:
+    app = make_app(ALLOW_INSECURE_LOOPBACK=True, WORKER_RETRY_BASE_SECONDS=0.05, WORKER_RETRY_MAX_SECONDS=0.2)
+    svc = services.from_app(app)
+    add_tenant(svc.db)
+    vendor = register(app, "hooked-app")
+    quiet = register(app, "quiet-app")  # no webhook: no events
+    webhooks.set_url(
+        svc.db, client_id="hooked-app", url=receiver.url, allow_insecure_loopback=True, actor="test"
+    )
+    ids = {}
+    for v, user in ((vendor, "user-1"), (quiet, "user-q")):
+        code = enrollment.create(
+            svc.db, secret=svc.secret_key, tenant_id="general", patient_id="pat-1",
+            vendor_client_id=v.client_id, created_by="dr", ttl_seconds=600,
+        ).code  # fmt: skip
+        claimed = v.claim(code, user)
+        ids[user] = claimed.json["id"]
+    with svc.db.transaction() as session:
+        goal = goals.create(
+            session, tenant_id="general", patient_id="pat-1", actor="dr", expressed_by=None,
+            description="Walk more", target=goals.check_target("steps", ">=", 6000, None),
+        )  # fmt: skip
+        goal_id = str(goal.id)
+
+    worker = Worker(svc)
+    _run_until(worker, lambda: len(receiver.received) >= 2)
+    (first_headers, _first), (second_headers, second) = receiver.received[:2]
+    assert first_headers["content-type"] == "application/jwt"
+    assert first_headers["webhook-id"] == second_headers["webhook-id"], "the retry carries the same id"
+    claims = _verify(app, vendor, second)
+    assert claims["jti"] == second_headers["webhook-id"]
+    assert claims["event"] == "goal.changed"
+    assert claims["data"] == {"app_user_id": "user-1", "type": "goal", "id": goal_id}
+    assert "Walk more" not in second.decode(), "no clinical text travels in a webhook"
+    with svc.db.sessions() as session:
+        events = session.scalars(select(WebhookEvent)).all()
+        assert [(e.status, e.attempts) for e in events] == [("delivered", 2)]
+
+    # A tampered event does not verify.
+    head, body, sig = second.decode().split(".")
+    with pytest.raises(Exception):  # noqa: B017 - any verification failure will do
+        _verify(app, vendor, f"{head}.{body}.{sig[:-4]}AAAA".encode())
+
+    # The enrollment ends: an event queued before the end is dropped unsent, none are queued after.
+    with svc.db.transaction() as session:
+        messages.send_to_patient(
+            session, tenant_id="general", patient_id="pat-1", actor="dr", sender=None, text="See you soon"
+        )
+    vendor.delete(f"/api/v1/enrollments/{ids['user-1']}")
+    with svc.db.transaction() as session:
+        messages.send_to_patient(
+            session, tenant_id="general", patient_id="pat-1", actor="dr", sender=None, text="Hello?"
+        )
+    while worker.run_once():
+        pass
+    assert len(receiver.received) == 2
+    with svc.db.sessions() as session:
+        statuses = [e.status for e in session.scalars(select(WebhookEvent).order_by(WebhookEvent.id))]
+    assert statuses == ["delivered", "dropped"]
+
+
+def test_webhook_urls_must_be_https(make_app: AppFactory) -> None:
+    app = make_app()
+    svc = services.from_app(app)
+    register(app, "hooked-app")
+    from fhir_bridge.errors import BadRequest
+
+    for url in ("http://127.0.0.1:9/x", "ftp://hooks.example/x", "https://user:pw@hooks.example/x"):
+        with pytest.raises(BadRequest):
+            webhooks.set_url(
+                svc.db, client_id="hooked-app", url=url, allow_insecure_loopback=False, actor="t"
+            )
+    webhooks.set_url(
+        svc.db,
+        client_id="hooked-app",
+        url="https://hooks.example/x",
+        allow_insecure_loopback=False,
+        actor="t",
+    )

@@ -324,6 +324,11 @@ def _ehr_options(func: F) -> F:
             "--max-rps", type=click.FloatRange(min=0.1), help="Most requests per second to this EHR."
         ),
         click.option("--max-concurrent", type=click.IntRange(1, 64), help="Most requests in flight at once."),
+        click.option(
+            "--crisis-line",
+            help="The crisis line shown with every message thread (messages are not for emergencies), "
+            "e.g. 'Samaritans 116 123'; '' removes it.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -357,6 +362,11 @@ def _tenant_values(ctx: Context, fhir_base: str | None, **opts: Any) -> dict[str
     for option, column in simple.items():
         if opts.get(option) is not None:
             values[column] = opts[option]
+    if opts.get("crisis_line") is not None:
+        line = opts["crisis_line"].strip()
+        if len(line) > 200 or any(ord(ch) < 32 for ch in line):
+            raise click.BadParameter("a crisis line is one line of at most 200 characters")
+        values["crisis_line"] = line or None
     # Quirks are merged into what the EHR has (see `ehr update`); None removes one.
     quirks: dict[str, Any] = {}
     if opts.get("put_types") is not None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from fhir_bridge.relationship.identity import TASK_SYSTEM as CARE_TASK_SYSTEM
 from mappings.identity import CANONICAL, CODE_SYSTEM_URL
 
 LOINC = "http://loinc.org"
@@ -302,10 +303,10 @@ def alert_items(
                 "failed",
             }:
                 continue
-            ours = any(
-                isinstance(i, dict) and str(i.get("system", "")).startswith(CANONICAL)
-                for i in resource.get("identifier") or ()
-            )
+            identifiers = [i for i in resource.get("identifier") or () if isinstance(i, dict)]
+            if kind == "Task" and any(i.get("system") == CARE_TASK_SYSTEM for i in identifiers):
+                continue  # a task for the patient (issue 10): the tasks panel shows it, not the alerts
+            ours = any(str(i.get("system", "")).startswith(CANONICAL) for i in identifiers)
             when = (
                 (resource.get("period") or {}).get("start") if kind == "Flag" else resource.get("authoredOn")
             )

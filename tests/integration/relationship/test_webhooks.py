@@ -4,16 +4,12 @@ and never for an enrollment that has ended."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 from flask import Flask
-from joserfc import jwt
-from joserfc.jwk import KeySet
 from sqlalchemy import select
 
 from fhir_bridge import enrollment, services
@@ -21,37 +17,8 @@ from fhir_bridge.delivery import Worker
 from fhir_bridge.relationship import goals, messages, webhooks
 from fhir_bridge.storage.models import WebhookEvent
 from tests.conftest import AppFactory
-from tests.support.procs import free_port
 from tests.support.vendor import Vendor, add_tenant, register
-
-
-class Receiver:
-    """A vendor's webhook endpoint on loopback: answers ``statuses`` in turn (then 200), keeps requests."""
-
-    def __init__(self, statuses: list[int]) -> None:
-        self.statuses = statuses
-        self.received: list[tuple[dict[str, str], bytes]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                status = receiver.statuses.pop(0) if receiver.statuses else 200
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.port = free_port()
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hooks"
+from tests.support.webhook_receiver import Receiver, verify_webhook
 
 
 @pytest.fixture
@@ -64,13 +31,7 @@ def receiver() -> Iterator[Receiver]:
 
 
 def _verify(app: Flask, vendor: Vendor, token: bytes) -> dict[str, Any]:
-    """What the vendor does: fetch our JWKS, pick the key by kid, check signature, iss and aud."""
-    published = app.test_client().get("/.well-known/jwks.json").json
-    decoded = jwt.decode(token.decode(), KeySet.import_key_set(published), algorithms=["RS384", "ES384"])
-    public_url = services.from_app(app).settings.public_url
-    assert decoded.claims["iss"] == public_url and decoded.claims["aud"] == vendor.client_id
-    assert any(k["kid"] == decoded.header["kid"] for k in published["keys"])
-    return decoded.claims
+    return verify_webhook(app, vendor.client_id, token)
 
 
 def _run_until(worker: Worker, done: Any, timeout: float = 30.0) -> None:

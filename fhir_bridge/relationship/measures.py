@@ -23,6 +23,14 @@ class Measure:
     # The Questionnaire canonical, for measures that are questionnaires.
     questionnaire: str | None = None
 
+    @property
+    def task_title(self) -> str:
+        """What a task asking for this measure says when the clinician gives no description."""
+        name = self.label.removesuffix(" total score")
+        return (
+            f"Fill in the {name} questionnaire" if self.questionnaire else f"Check in: {self.label.lower()}"
+        )
+
 
 MEASURES: dict[str, Measure] = {
     m.key: m

@@ -102,7 +102,7 @@ def assign(
     text = (
         title
         if isinstance(title, str) and title.strip()
-        else (MEASURES[measure_key].label if measure_key else "")
+        else (MEASURES[measure_key].task_title if measure_key else "")
     )
     task_id = uuid.uuid4()
     task = CareTask(

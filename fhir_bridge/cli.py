@@ -389,7 +389,9 @@ def _merge_quirks(current: dict[str, Any] | None, changes: dict[str, Any]) -> di
 
 DEFAULT_BACKEND_SCOPES = (
     "system/Observation.c system/QuestionnaireResponse.c system/Device.c system/Provenance.c "
-    "system/Observation.rs system/Device.rs"
+    "system/Observation.rs system/Device.rs "
+    # Issue 10: what the bridge writes and later updates (conditional update needs search too).
+    "system/Consent.cus system/Goal.cus system/Task.cus system/Communication.cus"
 )
 
 

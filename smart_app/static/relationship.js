@@ -49,7 +49,46 @@
       done.addEventListener("click", () => act(done, `/goals/${encodeURIComponent(g.id)}`, { status: "completed" }));
       li.appendChild(done);
     }
+    li.appendChild(editForm(g));
     return li;
+  }
+
+  // Edit a goal in place: its words and its status (the target is set anew with a new goal).
+  function editForm(g) {
+    const box = h("details", { class: "goal-edit" });
+    box.appendChild(h("summary", {}, "Edit"));
+    const form = h("form", { novalidate: "" });
+    const textId = `goal-edit-text-${g.id}`;
+    const statusId = `goal-edit-status-${g.id}`;
+    form.appendChild(h("label", { for: textId }, "Goal"));
+    const text = h("input", { id: textId, name: "description", maxlength: "500" });
+    text.value = g.description;
+    form.appendChild(text);
+    form.appendChild(h("label", { for: statusId }, "Status"));
+    const status = h("select", { id: statusId, name: "status" });
+    for (const [value, label] of [["proposed", "Proposed"], ["active", "Active"], ["on-hold", "On hold"], ["completed", "Achieved"], ["cancelled", "Cancelled"]]) {
+      const option = h("option", { value }, label);
+      if (value === g.status) option.selected = true;
+      status.appendChild(option);
+    }
+    form.appendChild(status);
+    const save = h("button", { type: "submit", class: "button" }, "Save goal");
+    form.appendChild(save);
+    const note = h("p", { class: "form-status", role: "status", "aria-live": "polite" });
+    form.appendChild(note);
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      save.disabled = true;
+      try {
+        await api(`/goals/${encodeURIComponent(g.id)}`, { method: "POST", body: JSON.stringify({ description: text.value, status: status.value }) });
+        await load();
+      } catch (err) {
+        note.textContent = `Not saved: ${err.message}`;
+        save.disabled = false;
+      }
+    });
+    box.appendChild(form);
+    return box;
   }
 
   function taskLine(t) {

@@ -126,6 +126,13 @@ def test_clinician_and_app_close_the_loop(
         page.fill("#goal-due", "2027-03-31")
         page.click("#goal-form button[type=submit]")
         page.locator("#goals li[data-goal]").wait_for(timeout=10_000)
+        # ... and edits its words in place.
+        page.click("#goals .goal-edit summary")
+        page.fill(
+            "#goals .goal-edit input[name=description]", "Feel like myself again: PHQ-9 below 10 by March"
+        )
+        page.click("#goals .goal-edit button[type=submit]")
+        page.locator("#goals .goal-text").filter(has_text="by March").wait_for(timeout=10_000)
         page.click(".tasks summary")
         page.select_option("#task-kind", "questionnaire:phq9")
         page.fill("#task-due", "2026-12-20")
@@ -147,7 +154,7 @@ def test_clinician_and_app_close_the_loop(
         assert "0800 555 0100" in thread["notice"]
         _drain(worker, tenant)
         kinds = sorted(verify_webhook(app, "mood-app", body)["event"] for _, body in receiver.received)
-        assert kinds == ["goal.changed", "message.changed", "task.changed"]
+        assert kinds == ["goal.changed", "goal.changed", "message.changed", "task.changed"]  # set, edited
 
         # The app submits the PHQ-9 (total 6) and a reply.
         pushed = vendor.post(
@@ -192,6 +199,7 @@ def test_clinician_and_app_close_the_loop(
     goal = _one(reader, "Goal", GOAL_SYSTEM, patient)
     assert goal["lifecycleStatus"] == "active" and goal["subject"] == {"reference": f"Patient/{patient}"}
     assert goal["target"][0]["detailQuantity"]["value"] == 10
+    assert goal["description"]["text"] == "Feel like myself again: PHQ-9 below 10 by March", "the edit, once"
     task = _one(reader, "Task", TASK_SYSTEM, patient)
     assert task["status"] == "completed" and task["for"] == {"reference": f"Patient/{patient}"}
     assert task["focus"]["reference"] == "https://fhir-bridge.org/fhir/Questionnaire/phq9"

@@ -11,9 +11,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
-
 from fhir_bridge.relationship.measures import LOINC, MEASURES
 from fhir_bridge.storage.models import Goal
 
@@ -39,21 +36,9 @@ def effective(resource: dict[str, Any]) -> str:
     return when if isinstance(when, str) else ""
 
 
-def note_accepted(
-    session: Session, tenant_id: str, patient_id: str, resources: list[dict[str, Any]], now: datetime
-) -> list[Goal]:
-    """Record the newest value of each targeted measure found in ``resources``; the goals changed."""
-    goals = [
-        g
-        for g in session.scalars(
-            select(Goal).where(
-                Goal.tenant_id == tenant_id,
-                Goal.patient_id == patient_id,
-                Goal.measure.is_not(None),
-                Goal.lifecycle_status.in_(ACTIVE),
-            )
-        )
-    ]
+def note_accepted(goals: list[Goal], resources: list[dict[str, Any]], now: datetime) -> list[Goal]:
+    """Record on ``goals`` (one patient's measurable, live goals) the newest value of each one's
+    measure found in ``resources``; returns the goals that changed."""
     changed: list[Goal] = []
     for goal in goals:
         measure = MEASURES.get(goal.measure or "")

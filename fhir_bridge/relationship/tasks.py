@@ -9,11 +9,12 @@ transaction that accepts the records, which also feeds goal progress.
 from __future__ import annotations
 
 import uuid
+from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select, tuple_, union
 from sqlalchemy.orm import Session
 
 from fhir_bridge import audit
@@ -180,22 +181,14 @@ def for_patient(session: Session, tenant_id: str, patient_id: str) -> list[CareT
 def on_accepted(
     session: Session,
     *,
-    tenant_id: str,
-    patient_id: str,
+    open_tasks: Sequence[CareTask],
+    live_goals: list[Goal],
     measures: set[str],
     resources: list[dict[str, Any]],
     now: datetime,
 ) -> None:
-    """Records of ``measures`` were accepted for the patient: complete the matching open tasks and
-    note the values for goal progress. Called once per patient by the push path, in its transaction."""
-    open_tasks = session.scalars(
-        select(CareTask).where(
-            CareTask.tenant_id == tenant_id,
-            CareTask.patient_id == patient_id,
-            CareTask.status == "requested",
-            CareTask.measure.is_not(None),
-        )
-    ).all()
+    """Records of ``measures`` were accepted for one patient: complete that patient's matching open
+    tasks and note the values on their measurable goals."""
     for task in open_tasks:
         measure = MEASURES.get(task.measure or "")
         if measure is None or measure.catalog_measure not in measures:
@@ -207,13 +200,13 @@ def on_accepted(
             actor_type="system",
             actor_id="push",
             action="task.complete",
-            tenant_id=tenant_id,
-            patient_id=patient_id,
+            tenant_id=task.tenant_id,
+            patient_id=task.patient_id,
             target=f"task/{task.id}",
             detail={"measure": measure.key},
             now=now,
         )
-    for goal in progress.note_accepted(session, tenant_id, patient_id, resources, now):
+    for goal in progress.note_accepted(live_goals, resources, now):
         _goal_changed(session, goal, now)
 
 
@@ -228,22 +221,75 @@ class _Accepted(Protocol):
     resources: Sequence[MappedResource]
 
 
+# Built once: constructing the statement costs more than running it on the push path.
+_WITH_WORK = union(
+    select(CareTask.tenant_id, CareTask.patient_id).where(
+        tuple_(CareTask.tenant_id, CareTask.patient_id).in_(bindparam("pairs", expanding=True)),
+        CareTask.status == "requested",
+        CareTask.measure.is_not(None),
+    ),
+    select(Goal.tenant_id, Goal.patient_id).where(
+        tuple_(Goal.tenant_id, Goal.patient_id).in_(bindparam("pairs", expanding=True)),
+        Goal.measure.is_not(None),
+        Goal.lifecycle_status.in_(progress.ACTIVE),
+    ),
+)
+
+
 def on_push(session: Session, prepared: Sequence[_Accepted], now: datetime) -> None:
-    """The push path's one call (``fhir_bridge.push.write_accepted``): per patient, which measures
-    arrived (native records by name; FHIR pushes by Questionnaire canonical or Observation code)."""
-    by_patient: dict[tuple[str, str], tuple[set[str], list[dict[str, Any]]]] = {}
-    for item in prepared:
-        key = (item.enrollment.tenant_id, item.enrollment.patient_id)
-        measures, resources = by_patient.setdefault(key, (set(), []))
-        measures.add(item.measure)
-        for mapped in item.resources:
-            resources.append(mapped.resource)
-            measures.update(_measures_in(mapped.resource))
-    for (tenant_id, patient_id), (measures, resources) in by_patient.items():
+    """The push path's one call (``fhir_bridge.push.write_accepted``), once per push.
+
+    One indexed query finds which of the batch's patients have open tasks or measurable goals; most
+    pushes find none and cost nothing more. Otherwise, per such patient: which measures arrived (native
+    records by name; FHIR pushes by Questionnaire canonical or Observation code) and their values.
+    """
+    patients = {(p.enrollment.tenant_id, p.enrollment.patient_id) for p in prepared}
+    if not patients:
+        return
+    # One round trip, no ORM objects, for the usual answer "nothing to do for these patients".
+    pairs = sorted(patients)
+    hits: set[tuple[str, str]] = set()
+    for start in range(0, len(pairs), 400):
+        hits.update((t, p) for t, p in session.execute(_WITH_WORK, {"pairs": pairs[start : start + 400]}))
+    if not hits:
+        return
+    tasks_of: dict[tuple[str, str], list[CareTask]] = defaultdict(list)
+    goals_of: dict[tuple[str, str], list[Goal]] = defaultdict(list)
+    for tenant_id, patient_id in sorted(hits):
+        tasks_of[(tenant_id, patient_id)] = list(
+            session.scalars(
+                select(CareTask).where(
+                    CareTask.tenant_id == tenant_id,
+                    CareTask.patient_id == patient_id,
+                    CareTask.status == "requested",
+                    CareTask.measure.is_not(None),
+                )
+            )
+        )
+        goals_of[(tenant_id, patient_id)] = list(
+            session.scalars(
+                select(Goal).where(
+                    Goal.tenant_id == tenant_id,
+                    Goal.patient_id == patient_id,
+                    Goal.measure.is_not(None),
+                    Goal.lifecycle_status.in_(progress.ACTIVE),
+                )
+            )
+        )
+    for key in sorted(set(tasks_of) | set(goals_of)):
+        measures: set[str] = set()
+        resources: list[dict[str, Any]] = []
+        for item in prepared:
+            if (item.enrollment.tenant_id, item.enrollment.patient_id) != key:
+                continue
+            measures.add(item.measure)
+            for mapped in item.resources:
+                resources.append(mapped.resource)
+                measures.update(_measures_in(mapped.resource))
         on_accepted(
             session,
-            tenant_id=tenant_id,
-            patient_id=patient_id,
+            open_tasks=tasks_of[key],
+            live_goals=goals_of[key],
             measures=measures,
             resources=resources,
             now=now,

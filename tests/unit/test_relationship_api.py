@@ -152,3 +152,71 @@ def test_vendors_sharing_a_patient_see_the_care_team_but_not_each_others_message
     before = stored(app)
     assert b.post("/api/v1/messages", json={"app_user_id": "ub", "text": "late"}).status_code == 404
     assert stored(app) == before
+
+
+STEPS_RECORD = {"date": "2026-11-20", "steps": 7200}
+APP_USERS = "https://fhir-bridge.org/fhir/sid/app-user/acme-mood"
+
+
+def test_data_completes_only_its_patients_matching_tasks_and_moves_their_goals(app: Flask) -> None:
+    vendor = register(app, "acme-mood")
+    enrol(app, vendor, "pat-1", "user-1")
+    enrol(app, vendor, "pat-2", "user-2")
+    db = services.from_app(app).db
+    with db.transaction() as session:
+        for patient in ("pat-1", "pat-2"):
+            tasks.assign(session, tenant_id="general", patient_id=patient, actor="dr", kind="check-in",
+                         measure="steps", title=None, due=None)  # fmt: skip
+            tasks.assign(session, tenant_id="general", patient_id=patient, actor="dr", kind="questionnaire",
+                         measure="phq9", title=None, due=None)  # fmt: skip
+            target = goals.check_target("steps", ">=", 6000, None)
+            goals.create(session, tenant_id="general", patient_id=patient, actor="dr", expressed_by=None,
+                         description="walk", target=target)  # fmt: skip
+    pushed = vendor.post(
+        "/api/v1/records",
+        json={
+            "records": [
+                {"record_id": "s-1", "app_user_id": "user-1", "measure": "steps-daily", "data": STEPS_RECORD}
+            ]
+        },
+    )
+    assert pushed.json["results"][0]["status"] == "accepted", pushed.json
+    states = {
+        (t["app_user_id"], t["measure"]): t["status"] for t in vendor.get("/api/v1/tasks").json["items"]
+    }
+    assert states == {
+        ("user-1", "steps"): "completed",
+        ("user-1", "phq9"): "requested",
+        ("user-2", "steps"): "requested",
+        ("user-2", "phq9"): "requested",
+    }
+    progress = {g["app_user_id"]: g["progress"] for g in vendor.get("/api/v1/goals").json["items"]}
+    assert progress["user-1"]["latest"] == 7200 and progress["user-1"]["met"] is True
+    assert progress["user-2"] == {"latest": None, "at": None, "met": False}
+
+
+def test_a_fhir_pushed_observation_completes_a_check_in_too(app: Flask) -> None:
+    import json
+
+    vendor = register(app, "acme-mood")
+    enrol(app, vendor, "pat-1", "user-1")
+    with services.from_app(app).db.transaction() as session:
+        tasks.assign(session, tenant_id="general", patient_id="pat-1", actor="dr", kind="check-in",
+                     measure="steps", title=None, due=None)  # fmt: skip
+    observation = {
+        "resourceType": "Observation",
+        "identifier": [{"system": "https://acme.example/records", "value": "obs-1"}],
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "41950-7"}]},
+        "subject": {"identifier": {"system": APP_USERS, "value": "user-1"}},
+        "effectiveDateTime": "2026-11-20",
+        "valueQuantity": {"value": 8042, "unit": "/d", "system": "http://unitsofmeasure.org", "code": "/d"},
+    }  # fmt: skip
+    response = vendor.client.post(
+        "/fhir/Observation",
+        data=json.dumps(observation),
+        headers=vendor.headers(**{"Content-Type": "application/fhir+json"}),
+    )
+    assert response.status_code == 201, response.json
+    (task,) = vendor.get("/api/v1/tasks").json["items"]
+    assert task["status"] == "completed" and task["title"] == "Check in: steps per day"

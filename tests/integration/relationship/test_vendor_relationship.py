@@ -83,6 +83,7 @@ def test_goal_task_message_round_trip_consent_and_end(
         overrides["DATABASE_URL"] = request.getfixturevalue("pg_server").create_database()
     app: Flask = make_app(**overrides)
     svc = services.from_app(app)
+    request.addfinalizer(svc.db.dispose)  # pooled PostgreSQL connections closed here, not by the GC
     tenant = f"rel-{database}-{uuid.uuid4().hex[:6]}"
     add_tenant(svc.db, tenant, smart_ehr.base_url, client_id=CLIENT_ID, quirks=QUIRKS)
     with svc.db.transaction() as session:

@@ -93,13 +93,29 @@ class Worker:
         self.policy = policy or Policy.from_services(services)
         self.directory = directory or TenantDirectory(services.db, services.keyring, services.settings)
         self.stop = threading.Event()
-        self.webhook_http = requests.Session()
+        self._http = threading.local()  # one requests.Session per delivery loop (thread)
+        self._webhooks_due = 0.0
 
     # -- one batch ------------------------------------------------------------------------------
 
     def run_once(self, *, loop: int = 0) -> int:
-        """Claim and deliver one batch (and the vendors' due webhook events); how many were handled."""
-        return self._webhooks() + self._outbox_once(loop)
+        """Claim and deliver one batch (and the vendors' due webhook events); how many were handled.
+
+        Webhooks are looked at whenever the outbox is idle, and at most once a second while it is busy
+        (each look is a transaction, and on SQLite a transaction takes the write lock).
+        """
+        handled = self._outbox_once(loop)
+        if handled == 0 or time.monotonic() >= self._webhooks_due:
+            self._webhooks_due = time.monotonic() + 1.0
+            handled += self._webhooks()
+        return handled
+
+    @property
+    def webhook_http(self) -> requests.Session:
+        http: requests.Session | None = getattr(self._http, "session", None)
+        if http is None:
+            http = self._http.session = requests.Session()
+        return http
 
     def _webhooks(self) -> int:
         """Vendors' webhook events (issue 10), signed, at least once: fhir_bridge.relationship.webhooks."""

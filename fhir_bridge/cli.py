@@ -817,6 +817,7 @@ def vendor_list(ctx: Context) -> None:
     for view in views:
         click.echo(
             f"{view.client_id}  {view.status:8}  {view.name}  [{' '.join(view.scopes)}]  keys: {view.keys}"
+            + (f"  webhook: {view.webhook_url}" if view.webhook_url else "")
         )
 
 

@@ -10,23 +10,27 @@ sees an id twice ignores the repeat (at-least-once delivery).
 Claiming pushes an event's ``next_attempt_at`` a lease ahead, so a worker that dies mid-send lets
 the event come due again; a failed send waits an exponential backoff; after the worker's attempt
 budget the event is ``dead`` (kept for hospital IT). An event whose enrollment has ended is dropped
-unsent: ending an enrollment stops every flow.
+unsent: ending an enrollment stops every flow. A URL whose host resolves to a private, reserved or
+(outside development) loopback address is never called (SSRF).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from joserfc import jwt
 from sqlalchemy import select, update
 
-from auth.backend import UnsafeUrlError, require_secure_url
+from auth.backend import UnsafeUrlError, is_loopback, require_secure_url
+from auth.jwks_fetch import system_resolver
 from auth.keys import Keyring
 from fhir_bridge import audit
 from fhir_bridge.errors import BadRequest, NotFound
@@ -172,6 +176,25 @@ def deliver_due(
     return len(handled)
 
 
+def public_host(url: str, *, allow_insecure_loopback: bool) -> bool:
+    """Whether every address of the URL's host is public (loopback too when development allows it): a
+    webhook must never be pointed at the hospital's own network (SSRF)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        addresses = system_resolver(host, parts.port or (443 if parts.scheme == "https" else 80))
+    except OSError:
+        return False
+    loopback_ok = allow_insecure_loopback and is_loopback(host)
+    for address in addresses:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        if ip.is_loopback and loopback_ok:
+            continue
+        if not ip.is_global or ip.is_multicast:
+            return False
+    return bool(addresses)
+
+
 def _post(
     due: Due,
     keyring: Keyring,
@@ -182,6 +205,9 @@ def _post(
 ) -> int | None:
     try:
         require_secure_url(due.url, allow_insecure_loopback=allow_insecure_loopback, what="the webhook URL")
+        if not public_host(due.url, allow_insecure_loopback=allow_insecure_loopback):
+            log.warning("webhook host not public", extra={"vendor": due.client_id})
+            return None
         token = sign(keyring, issuer=issuer, audience=due.client_id, event=due.event)
         response = http.post(
             due.url,

@@ -123,3 +123,45 @@ def test_webhook_urls_must_be_https(make_app: AppFactory) -> None:
         allow_insecure_loopback=False,
         actor="t",
     )
+
+
+def test_a_webhook_pointing_into_a_private_network_is_never_called(make_app: AppFactory) -> None:
+    import requests
+
+    app = make_app()
+    svc = services.from_app(app)
+    add_tenant(svc.db)
+    vendor = register(app, "hooked-app")
+    private = "https://10.1.2.3/hooks"
+    webhooks.set_url(svc.db, client_id="hooked-app", url=private, allow_insecure_loopback=False, actor="t")
+    code = enrollment.create(
+        svc.db, secret=svc.secret_key, tenant_id="general", patient_id="pat-1",
+        vendor_client_id="hooked-app", created_by="dr", ttl_seconds=600,
+    ).code  # fmt: skip
+    assert vendor.claim(code, "user-1").status_code == 201
+    with svc.db.transaction() as session:
+        messages.send_to_patient(
+            session, tenant_id="general", patient_id="pat-1", actor="dr", sender=None, text="hi"
+        )
+
+    class NoCalls(requests.Session):
+        def request(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+            raise AssertionError("a private address was called")
+
+    handled = webhooks.deliver_due(
+        svc.db, svc.keyring, issuer="https://bridge.example", http=NoCalls(), timeout=5, max_attempts=1,
+        backoff=lambda n: 0.0,
+    )  # fmt: skip
+    assert handled == 1
+    with svc.db.sessions() as session:
+        (event,) = session.scalars(select(WebhookEvent)).all()
+    assert (event.status, event.last_status) == ("dead", None)
+    for url in (
+        "https://127.0.0.1/x",
+        "https://169.254.169.254/latest",
+        "https://[::1]/x",
+        "https://10.0.0.1/",
+    ):
+        assert not webhooks.public_host(url, allow_insecure_loopback=False), url
+    assert webhooks.public_host("http://127.0.0.1:8080/x", allow_insecure_loopback=True)
+    assert webhooks.public_host("https://93.184.215.14/x", allow_insecure_loopback=False)

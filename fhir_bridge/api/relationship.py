@@ -210,6 +210,4 @@ def post_message() -> tuple[Response, int]:
         )
         out = message_json(message, enrolled)
         out["notice"] = messages.crisis_notice(session.get(Tenant, enrolled.tenant_id))
-    response = jsonify(out)
-    response.headers["Location"] = f"/api/v1/messages/{message.id}"
-    return response, 201 if created else 200
+    return jsonify(out), 201 if created else 200

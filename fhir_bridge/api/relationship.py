@@ -1,7 +1,8 @@
 """What the care team shares with the vendor's app users: goals, tasks, messages (issue 10).
 
 Reads list, for the vendor's app users with an active enrollment only, what changed after an opaque
-cursor (oldest first), so an app can poll or catch up after a webhook. A patient's message is posted
+cursor (oldest first): page while ``has_more``, keep the last ``next``, and poll with it (or catch up
+after a webhook) to get only what changed since. A patient's message is posted
 for one app user. An app user of another vendor, or whose enrollment ended, is 404 and nothing is
 read, stored or sent (:mod:`fhir_bridge.relationship.access`). Responses never name the EHR patient.
 """
@@ -108,10 +109,15 @@ def _page(model: Any, column: Any, render: Any, extra: Any = None) -> Response:
         if app_user_id is not None:
             access.enrollment_for(session, vendor, app_user_id)
         rows = session.execute(query).all()
-        items = [render(row[0], row[1]) for row in rows[:limit]]
-        last = rows[limit - 1][0] if len(rows) > limit else None
-        body: dict[str, Any] = {"items": items}
-        body["next"] = encode_cursor(getattr(last, column.key), last.id) if last is not None else None
+        page = rows[:limit]
+        body: dict[str, Any] = {"items": [render(row[0], row[1]) for row in page]}
+        # Where to go on from: after this page's last item, or (an empty page) where the caller was.
+        # Polling with it later returns only what changed since.
+        if page:
+            body["next"] = encode_cursor(getattr(page[-1][0], column.key), page[-1][0].id)
+        else:
+            body["next"] = request.args.get("after")
+        body["has_more"] = len(rows) > limit
         if model is Message and app_user_id is not None:
             enrolled = access.enrollment_for(session, vendor, app_user_id)
             body["notice"] = messages.crisis_notice(session.get(Tenant, enrolled.tenant_id))

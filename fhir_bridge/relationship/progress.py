@@ -51,6 +51,7 @@ def note_accepted(goals: list[Goal], resources: list[dict[str, Any]], now: datet
         taken = _parse(when) or now
         if goal.latest_at is None or taken >= goal.latest_at:
             goal.latest_value, goal.latest_at = value, taken
+            goal.updated_at = now  # vendors polling with a cursor see the new progress
             changed.append(goal)
     return changed
 

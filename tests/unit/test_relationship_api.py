@@ -58,12 +58,13 @@ def test_pages_follow_the_cursor_and_polling_returns_only_changes(app: Flask) ->
         assert page.status_code == 200
         assert_matches_spec(page, "GET", "/api/v1/goals")
         seen += [g["description"] for g in page.json["items"]]
-        if page.json["next"] is None:
-            break
         after = page.json["next"]
+        if not page.json["has_more"]:
+            break
     assert sorted(seen) == ["goal 0", "goal 1", "goal 2"]
     last = vendor.get("/api/v1/goals?limit=3").json
-    assert last["next"] is None
+    assert last["has_more"] is False
+    assert vendor.get(f"/api/v1/goals?after={after}").json == {"items": [], "next": after, "has_more": False}
     cursor = vendor.get("/api/v1/goals?limit=2").json["next"]
     with db.transaction() as session:
         goals.update(session, tenant_id="general", patient_id="pat-1", goal_id=first_id, actor="dr",
@@ -190,8 +191,20 @@ def test_data_completes_only_its_patients_matching_tasks_and_moves_their_goals(a
         ("user-2", "steps"): "requested",
         ("user-2", "phq9"): "requested",
     }
+    page = vendor.get("/api/v1/goals?app_user_id=user-1").json
+    assert page["items"][0]["progress"]["latest"] == 7200
+    later = vendor.post(
+        "/api/v1/records",
+        json={"records": [{"record_id": "s-2", "app_user_id": "user-1", "measure": "steps-daily",
+                           "data": {"date": "2026-11-21", "steps": 4000}}]},
+    )  # fmt: skip
+    assert later.json["results"][0]["status"] == "accepted"
+    (changed,) = vendor.get(f"/api/v1/goals?app_user_id=user-1&after={page['next']}").json["items"]
+    assert changed["progress"]["latest"] == 4000 and changed["progress"]["met"] is False, (
+        "polling sees progress"
+    )
     progress = {g["app_user_id"]: g["progress"] for g in vendor.get("/api/v1/goals").json["items"]}
-    assert progress["user-1"]["latest"] == 7200 and progress["user-1"]["met"] is True
+    assert progress["user-1"]["latest"] == 4000 and progress["user-1"]["met"] is False
     assert progress["user-2"] == {"latest": None, "at": None, "met": False}
 
 

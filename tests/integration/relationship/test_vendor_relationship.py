@@ -129,7 +129,7 @@ def test_goal_task_message_round_trip_consent_and_end(
     assert_matches_spec(page, "GET", "/api/v1/messages")
     assert page.json["items"][0]["text"] == "How are the new sleep habits going?"
     assert "0800 123 456" in page.json["notice"] and "not for emergencies" in page.json["notice"]
-    assert page.json["next"] is None
+    assert page.json["has_more"] is False
 
     # The app submits the PHQ-9 (total 6) and replies.
     pushed = vendor.post(

@@ -66,6 +66,7 @@ SCOPES: Mapping[str, str] = {
         "Read the care team's goals, tasks and messages for the vendor's enrolled app users."
     ),
     "messages.write": "Post an enrolled app user's message to their care team (POST /api/v1/messages).",
+    "tasks.write": "Mark an enrolled app user's task done (POST /api/v1/tasks/{id}/complete).",
     "system/Observation.c": "Push FHIR Observations (POST /fhir/Observation, Bundles).",
     "system/QuestionnaireResponse.c": (
         "Push FHIR QuestionnaireResponses (POST /fhir/QuestionnaireResponse, Bundles)."

@@ -31,7 +31,7 @@ TIMELINE_ACTIONS = {
     "goal.edit": "Goal edited",
     "task.assign": "Task assigned",
     "task.cancel": "Task cancelled",
-    "task.complete": "Task completed by the app's data",
+    "task.complete": "Task completed (reported by the app)",
     "message.send": "Message sent to the patient",
     "message.receive": "Message from the patient",
     "alert.acknowledge": "Alert acknowledged",

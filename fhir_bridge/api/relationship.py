@@ -24,7 +24,7 @@ from fhir_bridge import enrollment as enrollments
 from fhir_bridge import services
 from fhir_bridge.api.common import current_vendor, load, read_json, requires_scope
 from fhir_bridge.errors import BadRequest
-from fhir_bridge.relationship import access, messages, progress
+from fhir_bridge.relationship import access, messages, progress, tasks
 from fhir_bridge.relationship.measures import MEASURES
 from fhir_bridge.storage.models import CareTask, Enrollment, Goal, Message, Tenant, VendorClient
 
@@ -32,6 +32,14 @@ bp = Blueprint("relationship", __name__, url_prefix="/api/v1")
 
 READ_SCOPE = "relationship.read"
 WRITE_SCOPE = "messages.write"
+TASKS_SCOPE = "tasks.write"
+
+
+class AppUserSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    app_user_id = fields.String(required=True, validate=validate.Length(min=1, max=128))
 
 
 class MessageSchema(Schema):
@@ -217,3 +225,23 @@ def post_message() -> tuple[Response, int]:
         out = message_json(message, enrolled)
         out["notice"] = messages.crisis_notice(session.get(Tenant, enrolled.tenant_id))
     return jsonify(out), 201 if created else 200
+
+
+@bp.post("/tasks/<task_id>/complete")
+@requires_scope(TASKS_SCOPE)
+def complete_task(task_id: str) -> tuple[Response, int]:
+    """The app user did the task (e.g. a module in the app): it is completed, here and in the EHR."""
+    body = load(AppUserSchema(), read_json("application/json"))
+    vendor = current_vendor()
+    enrollments.check_app_user_id(body["app_user_id"])
+    with services.current().db.transaction() as session:
+        enrolled = access.enrollment_for(session, vendor, body["app_user_id"])
+        task, _changed = tasks.complete_by_app(
+            session,
+            tenant_id=enrolled.tenant_id,
+            patient_id=enrolled.patient_id,
+            task_id=task_id,
+            vendor_client_id=vendor.client_id,
+        )
+        out = task_json(task, enrolled)
+    return jsonify(out), 200

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from fhir_bridge import audit
 from fhir_bridge.delivery import outbox
-from fhir_bridge.errors import NotFound, Unprocessable
+from fhir_bridge.errors import Conflict, NotFound, Unprocessable
 from fhir_bridge.relationship import events, goals, progress
 from fhir_bridge.relationship.identity import TASK_SYSTEM, ident
 from fhir_bridge.relationship.measures import MEASURES
@@ -155,6 +155,34 @@ def cancel(session: Session, *, tenant_id: str, patient_id: str, task_id: str, a
         now=now,
     )
     return task
+
+
+def complete_by_app(
+    session: Session, *, tenant_id: str, patient_id: str, task_id: str, vendor_client_id: str
+) -> tuple[CareTask, bool]:
+    """The app says the patient did the task (a module only the app can see); (task, changed).
+
+    Completing a completed task again changes nothing; a cancelled task cannot be completed."""
+    now = utcnow()
+    task = get(session, tenant_id, patient_id, task_id)
+    if task.status == "completed":
+        return task, False
+    if task.status != "requested":
+        raise Conflict("The care team cancelled this task.", code="task-not-open")
+    task.status, task.completed_at, task.updated_at = "completed", now, now
+    _queue(session, task, now)
+    audit.record(
+        session,
+        actor_type="vendor",
+        actor_id=vendor_client_id,
+        action="task.complete",
+        tenant_id=tenant_id,
+        patient_id=patient_id,
+        target=f"task/{task.id}",
+        detail={"kind": task.kind},
+        now=now,
+    )
+    return task, True
 
 
 def get(session: Session, tenant_id: str, patient_id: str, task_id: str) -> CareTask:

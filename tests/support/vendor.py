@@ -23,6 +23,7 @@ ALL_SCOPES = (
     "records.read",
     "relationship.read",
     "messages.write",
+    "tasks.write",
     "system/Observation.c",
     "system/QuestionnaireResponse.c",
 )

@@ -233,3 +233,29 @@ def test_a_fhir_pushed_observation_completes_a_check_in_too(app: Flask) -> None:
     assert response.status_code == 201, response.json
     (task,) = vendor.get("/api/v1/tasks").json["items"]
     assert task["status"] == "completed" and task["title"] == "Check in: steps per day"
+
+
+def test_the_app_completes_a_module_task_once_and_never_anothers(app: Flask) -> None:
+    vendor, other = register(app, "acme-mood"), register(app, "other-app")
+    enrol(app, vendor, "pat-1", "user-1")
+    enrol(app, other, "pat-2", "user-9")
+    with services.from_app(app).db.transaction() as session:
+        module = tasks.assign(session, tenant_id="general", patient_id="pat-1", actor="dr", kind="module",
+                              measure=None, title="Sleep hygiene module", due=None)  # fmt: skip
+        dropped = tasks.assign(session, tenant_id="general", patient_id="pat-1", actor="dr", kind="module",
+                               measure=None, title="Old module", due=None)  # fmt: skip
+        tasks.cancel(session, tenant_id="general", patient_id="pat-1", task_id=str(dropped.id), actor="dr")
+        module_id, dropped_id = str(module.id), str(dropped.id)
+    url = f"/api/v1/tasks/{module_id}/complete"
+    before = stored(app)
+    assert other.post(url, json={"app_user_id": "user-9"}).status_code == 404, "another patient's task"
+    assert other.post(url, json={"app_user_id": "user-1"}).status_code == 404, "another vendor's user"
+    assert stored(app) == before
+    done = vendor.post(url, json={"app_user_id": "user-1"})
+    assert done.status_code == 200 and done.json["status"] == "completed", done.json
+    assert_matches_spec(done, "POST", "/api/v1/tasks/{task_id}/complete")
+    again = vendor.post(url, json={"app_user_id": "user-1"})
+    assert again.json["completed_at"] == done.json["completed_at"]
+    refused = vendor.post(f"/api/v1/tasks/{dropped_id}/complete", json={"app_user_id": "user-1"})
+    assert refused.status_code == 409 and refused.json["error"] == "task-not-open"
+    assert vendor.post(url, json={"app_user_id": "user-1", "done": True}).status_code == 422

@@ -63,9 +63,19 @@ def test_the_non_responder_launched_from_the_demo_chart_has_data_and_an_alert(de
         data = frame.evaluate("async () => (await fetch('api/summary')).json()")
         phq9 = data["series"]["phq9"]["v"]
         assert len(phq9) >= 14 and all(12 <= v <= 16 for v in phq9)
-        for chart in ("#chart-phq9", "#chart-gad7", "#chart-dwai", "#chart-sleep", "#chart-steps"):
+        for chart in (
+            "#chart-phq9",
+            "#chart-gad7",
+            "#chart-dwai",
+            "#chart-dwai-themes",
+            "#chart-sleep",
+            "#chart-steps",
+        ):
             assert frame.locator(f"{chart} svg.chart-svg").count() == 1, chart
         assert frame.locator(".notice").count() == 0, frame.inner_text("#notices")
+        # "End enrollment" asks for confirmation only once clicked.
+        assert frame.locator(".confirm-end").count() >= 1
+        assert not frame.locator(".confirm-end").first.is_visible()
 
         # The same dashboard on its own page, every panel in one picture (README walkthrough).
         whole = context.new_page()

@@ -1,8 +1,9 @@
 """Which patients a vendor may see: those of its active enrollments, named by the vendor's app user id.
 
-Every vendor read and write of the relationship goes through :func:`enrollment_for` (or
-:func:`active_enrollments`), so another vendor's users and ended enrollments are out of reach in one
-place: both answer 404 with the same message (no oracle for which app users exist elsewhere).
+Every vendor write of the relationship, and every read for one app user, goes through
+:func:`enrollment_for` (lists join on the vendor's active enrollments, fhir_bridge/api/relationship.py),
+so another vendor's users and ended enrollments are out of reach: both answer 404 with the same
+message (no oracle for which app users exist elsewhere).
 """
 
 from __future__ import annotations
@@ -30,16 +31,3 @@ def enrollment_for(session: Session, vendor: VendorClient, app_user_id: str) -> 
     if found is None:
         raise NotFound(NOT_ENROLLED, code="not-enrolled")
     return found
-
-
-def active_for_patient(session: Session, tenant_id: str, patient_id: str) -> list[Enrollment]:
-    """The patient's active enrollments (one per app), to tell each app about a change."""
-    return list(
-        session.scalars(
-            select(Enrollment).where(
-                Enrollment.tenant_id == tenant_id,
-                Enrollment.patient_id == patient_id,
-                Enrollment.status == "active",
-            )
-        )
-    )

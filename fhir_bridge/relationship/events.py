@@ -15,8 +15,6 @@ from sqlalchemy.orm import Session
 
 from fhir_bridge.storage.models import Enrollment, VendorClient, WebhookEvent
 
-KINDS = ("goal", "task", "message")
-
 
 def changed(session: Session, tenant_id: str, patient_id: str, kind: str, item_id: str, now: datetime) -> int:
     """One event per vendor enrolled with this patient that has a webhook; how many were queued."""

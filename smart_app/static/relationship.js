@@ -202,6 +202,8 @@
   document.querySelector(".panel.messages").addEventListener("focusin", async () => {
     if (state && state.unread) {
       try { await api("/messages/read", { method: "POST", body: "{}" }); } catch (err) { return; }
+      state.unread = 0;
+      document.getElementById("unread").hidden = true;
     }
   }, { once: true });
 

@@ -182,6 +182,8 @@ def test_clinician_and_app_close_the_loop(
         assert "Latest 6" in progress and "target met" in progress
         assert page.inner_text("#thread li.to-clinician .message-text") == "Better than I expected!"
         assert page.inner_text("#unread") == "1 unread"
+        page.focus("#message-text")  # the clinician turns to the thread: it counts as read
+        page.locator("#unread").wait_for(state="hidden", timeout=10_000)
         timeline = page.inner_text("#timeline")
         for label in (
             "Goal set",

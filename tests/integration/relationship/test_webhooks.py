@@ -42,11 +42,21 @@ def _run_until(worker: Worker, done: Any, timeout: float = 30.0) -> None:
             time.sleep(0.05)
 
 
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_events_are_signed_retried_with_one_id_and_stop_when_the_enrollment_ends(
-    make_app: AppFactory, receiver: Receiver
+    database: str, request: pytest.FixtureRequest, make_app: AppFactory, receiver: Receiver
 ) -> None:
-    app = make_app(ALLOW_INSECURE_LOOPBACK=True, WORKER_RETRY_BASE_SECONDS=0.05, WORKER_RETRY_MAX_SECONDS=0.2)
+    overrides: dict[str, Any] = {}
+    if database == "postgresql":
+        overrides["DATABASE_URL"] = request.getfixturevalue("pg_server").create_database()
+    app = make_app(
+        ALLOW_INSECURE_LOOPBACK=True,
+        WORKER_RETRY_BASE_SECONDS=0.05,
+        WORKER_RETRY_MAX_SECONDS=0.2,
+        **overrides,
+    )
     svc = services.from_app(app)
+    request.addfinalizer(svc.db.dispose)
     add_tenant(svc.db)
     vendor = register(app, "hooked-app")
     quiet = register(app, "quiet-app")  # no webhook: no events

@@ -62,6 +62,11 @@ SCOPES: Mapping[str, str] = {
     "enrollments": "Claim pairing codes and read or end the vendor's own enrollments.",
     "records.write": "Push native records (POST /api/v1/records).",
     "records.read": "Read the delivery status of the vendor's own submissions and records.",
+    "relationship.read": (
+        "Read the care team's goals, tasks and messages for the vendor's enrolled app users."
+    ),
+    "messages.write": "Post an enrolled app user's message to their care team (POST /api/v1/messages).",
+    "tasks.write": "Mark an enrolled app user's task done (POST /api/v1/tasks/{id}/complete).",
     "system/Observation.c": "Push FHIR Observations (POST /fhir/Observation, Bundles).",
     "system/QuestionnaireResponse.c": (
         "Push FHIR QuestionnaireResponses (POST /fhir/QuestionnaireResponse, Bundles)."

@@ -332,6 +332,11 @@ def _ehr_options(func: F) -> F:
             type=click.File("rb"),
             help="CDS Hooks: a JWKS file with the CDS client's public keys (instead of --cds-jwks-url).",
         ),
+        click.option(
+            "--crisis-line",
+            help="The crisis line shown with every message thread (messages are not for emergencies), "
+            "e.g. 'Samaritans 116 123'; '' removes it.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -378,6 +383,11 @@ def _tenant_values(ctx: Context, fhir_base: str | None, **opts: Any) -> dict[str
     for option, column in simple.items():
         if opts.get(option) is not None:
             values[column] = opts[option]
+    if opts.get("crisis_line") is not None:
+        line = opts["crisis_line"].strip()
+        if len(line) > 200 or any(ord(ch) < 32 for ch in line):
+            raise click.BadParameter("a crisis line is one line of at most 200 characters")
+        values["crisis_line"] = line or None
     # Quirks are merged into what the EHR has (see `ehr update`); None removes one.
     quirks: dict[str, Any] = {}
     if opts.get("put_types") is not None:
@@ -776,6 +786,40 @@ def vendor_add(
     click.echo(f"  token endpoint: {settings.url('/oauth/token')}")
 
 
+@vendor.command("webhook")
+@click.argument("client_id")
+@click.argument("url", required=False)
+@click.option("--remove", is_flag=True, help="Remove the webhook URL: no more events are sent.")
+@pass_ctx
+def vendor_webhook(ctx: Context, client_id: str, url: str | None, remove: bool) -> None:
+    """Set the HTTPS URL where the vendor receives signed change events (goals, tasks, messages)."""
+    from fhir_bridge.errors import BridgeError
+    from fhir_bridge.relationship import webhooks
+    from fhir_bridge.storage import Database
+
+    if (url is None) != remove:
+        raise click.UsageError("give the webhook URL, or --remove")
+    settings = ctx.settings
+    database = Database(settings.effective_database_url)
+    try:
+        webhooks.set_url(
+            database,
+            client_id=client_id,
+            url=url,
+            allow_insecure_loopback=settings.allow_insecure_loopback,
+            actor=_operator(),
+        )
+    except BridgeError as exc:
+        raise _bridge_error(exc) from None
+    finally:
+        database.dispose()
+    if url is None:
+        click.echo(f"vendor {client_id}: webhook removed")
+    else:
+        jwks = settings.url("/.well-known/jwks.json")
+        click.echo(f"vendor {client_id}: events go to {url}, signed with the keys at {jwks}")
+
+
 @vendor.command("list")
 @pass_ctx
 def vendor_list(ctx: Context) -> None:
@@ -793,6 +837,7 @@ def vendor_list(ctx: Context) -> None:
     for view in views:
         click.echo(
             f"{view.client_id}  {view.status:8}  {view.name}  [{' '.join(view.scopes)}]  keys: {view.keys}"
+            + (f"  webhook: {view.webhook_url}" if view.webhook_url else "")
         )
 
 

@@ -17,7 +17,9 @@ Pairing codes (security checklist M1-M10, T16):
 * unknown, mistyped, expired, used and other-vendor codes all get the same answer, so the response
   says nothing about which codes exist.
 
-Every create, claim and end is written to the audit log in the same transaction.
+Every create, claim and end is written to the audit log in the same transaction. A claim queues the
+patient's FHIR ``Consent`` and an end its update to ``inactive`` (:mod:`fhir_bridge.relationship.consent`),
+in that same transaction.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from sqlalchemy.orm import Session
 
 from fhir_bridge import audit
 from fhir_bridge.errors import BadRequest, Conflict, NotFound, TooManyRequests, Unprocessable
+from fhir_bridge.relationship import consent
 from fhir_bridge.storage import Database
 from fhir_bridge.storage.models import Enrollment, PairingAttempt, Tenant, VendorClient
 
@@ -233,6 +236,7 @@ def claim(
             enrollment.claimed_at = now
             enrollment.code_hash = None
             enrollment.code_expires_at = None
+            consent.on_claim(session, enrollment, vendor, now)
             audit.record(
                 session,
                 actor_type="vendor",
@@ -319,6 +323,7 @@ def end(
         ):
             raise NotFound("No enrollment of yours has this id.", code="enrollment-not-found")
         if enrollment.status in ("pending", "active"):
+            consent.on_end(session, enrollment, now)
             enrollment.status = "ended"
             enrollment.ended_at = now
             enrollment.ended_by = f"{actor_type}:{actor_id}"[:255]

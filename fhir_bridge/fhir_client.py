@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 import requests
@@ -508,6 +508,22 @@ class FhirClient:
         """PUT a resource at its own id (update, or create with a client-chosen id)."""
         path = f"{resource['resourceType']}/{resource['id']}"
         return self.request("PUT", path, body=resource, headers={"Prefer": prefer} if prefer else None)
+
+    def update_where(
+        self, resource: Mapping[str, Any], path: str, *, prefer: str | None = "return=minimal"
+    ) -> FhirResponse:
+        """Conditional update (``PUT Type?search``): creates on no match, replaces on one match.
+
+        The search goes as parameters, so a URL-valued identifier system is never taken for an
+        absolute URL (where the token must not go)."""
+        base, _, query = path.partition("?")
+        return self.request(
+            "PUT",
+            base,
+            params=parse_qsl(query, keep_blank_values=True),
+            body=resource,
+            headers={"Prefer": prefer} if prefer else None,
+        )
 
     def bundle(
         self, bundle: Mapping[str, Any] | bytes, *, idempotent: bool, prefer: str | None = "return=minimal"

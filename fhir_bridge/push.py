@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from fhir_bridge.catalog import catalog_for
 from fhir_bridge.enrollment import APP_USER_ID, active_by_app_user
 from fhir_bridge.errors import BadRequest, Conflict
+from fhir_bridge.relationship import tasks
 from fhir_bridge.rules.engine import on_accepted
 from fhir_bridge.settings import Settings
 from fhir_bridge.storage import Database
@@ -477,6 +478,8 @@ def write_accepted(
     )
     # Rules (issue 8): the measurement ledger and rule evaluation, in this same transaction.
     on_accepted(session, prepared, now)
+    # Issue 10: open tasks this data completes, and progress toward the patient's goals.
+    tasks.on_push(session, prepared, now)
 
 
 __all__ = ["Mapper", "Outcome", "Prepared", "Problem", "Result", "Work", "push", "submit", "write_accepted"]

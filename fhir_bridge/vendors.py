@@ -86,6 +86,7 @@ class VendorView:
     scopes: tuple[str, ...]
     keys: str
     created_at: datetime
+    webhook_url: str | None = None
 
 
 def check_jwks(data: Any) -> dict[str, Any]:
@@ -182,6 +183,7 @@ def _view(vendor: VendorClient) -> VendorView:
         scopes=tuple(vendor.scopes.split()),
         keys=vendor.jwks_url or f"inline ({len((vendor.jwks or {}).get('keys', []))} key(s))",
         created_at=vendor.created_at,
+        webhook_url=vendor.webhook_url,
     )
 
 

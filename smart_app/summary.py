@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from fhir_bridge.relationship.identity import TASK_SYSTEM as CARE_TASK_SYSTEM
 from mappings.identity import CANONICAL, CODE_SYSTEM_URL
 
 RULE_ALERT_SYSTEM = CANONICAL + "/sid/alert"  # fhir_bridge.rules.engine.ALERT_SYSTEM
@@ -309,14 +310,15 @@ def alert_items(
                 "failed",
             }:
                 continue
-            systems = [
-                str(i.get("system", "")) for i in resource.get("identifier") or () if isinstance(i, dict)
-            ]
-            ours = any(system.startswith(CANONICAL) for system in systems)
+            identifiers = [i for i in resource.get("identifier") or () if isinstance(i, dict)]
+            systems = [str(i.get("system", "")) for i in identifiers]
+            if kind == "Task" and CARE_TASK_SYSTEM in systems:
+                continue  # a task for the patient (issue 10): the tasks panel shows it, not the alerts
             if RULE_ALERT_SYSTEM in systems:
                 # A rules alert's own Flag/Task: the bridge list shows that alert (from our database,
                 # current even before an acknowledgement reaches the EHR), so it is not listed twice.
                 continue
+            ours = any(system.startswith(CANONICAL) for system in systems)
             when = (
                 (resource.get("period") or {}).get("start") if kind == "Flag" else resource.get("authoredOn")
             )

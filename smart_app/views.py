@@ -8,7 +8,7 @@ from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.wrappers import Response as BaseResponse
 
 from fhir_bridge import services
-from smart_app import dashboard, launch, prescribe, registration, web
+from smart_app import dashboard, launch, prescribe, registration, relationship, web
 from smart_app.dashboard import ReaderFactory
 from smart_app.state import SmartState, install, state
 
@@ -66,6 +66,41 @@ def acknowledge_alert(launch_id: str, alert_id: str) -> Response:
 @bp.post("/app/<launch_id>/api/follow-up")
 def follow_up(launch_id: str) -> Response:
     return dashboard.request_follow_up(launch_id)
+
+
+@bp.get("/app/<launch_id>/api/relationship")
+def relationship_state(launch_id: str) -> Response:
+    return relationship.get(launch_id)
+
+
+@bp.post("/app/<launch_id>/api/goals")
+def set_goal(launch_id: str) -> Response:
+    return relationship.set_goal(launch_id)
+
+
+@bp.post("/app/<launch_id>/api/goals/<goal_id>")
+def edit_goal(launch_id: str, goal_id: str) -> Response:
+    return relationship.edit_goal(launch_id, goal_id)
+
+
+@bp.post("/app/<launch_id>/api/tasks")
+def assign_task(launch_id: str) -> Response:
+    return relationship.assign_task(launch_id)
+
+
+@bp.post("/app/<launch_id>/api/tasks/<task_id>/cancel")
+def cancel_task(launch_id: str, task_id: str) -> Response:
+    return relationship.cancel_task(launch_id, task_id)
+
+
+@bp.post("/app/<launch_id>/api/messages")
+def send_message(launch_id: str) -> Response:
+    return relationship.send_message(launch_id)
+
+
+@bp.post("/app/<launch_id>/api/messages/read")
+def mark_messages_read(launch_id: str) -> Response:
+    return relationship.mark_read(launch_id)
 
 
 @bp.get("/app/<launch_id>/api/enrollment")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, cast
 
+import orjson
 from sqlalchemy import (
     CursorResult,
     Table,
@@ -64,8 +65,8 @@ class Item:
     body: bytes
     attempts: int
     priority: int
-    # create (conditional create) | update (conditional update by the identifier in the body)
-    op: str = "create"
+    # "create" (conditional create) or "upsert" (conditional update on the identifier).
+    method: str = "create"
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ _ITEM_COLUMNS = (
     OutboxItem.body,
     OutboxItem.attempts,
     OutboxItem.priority,
-    OutboxItem.op,
+    OutboxItem.method,
 )
 
 
@@ -381,6 +382,77 @@ def _settle_records(session: Session, delivered: set[uuid.UUID], dead: set[uuid.
             .values(status="delivered", updated_at=now),
             execution_options={"synchronize_session": False},
         )
+
+
+# -- resources the bridge itself writes and later changes (Consent, Goal, Task, Communication) -------
+
+
+def put(
+    session: Session,
+    *,
+    tenant_id: str,
+    resource: dict[str, Any],
+    ident_system: str,
+    ident_value: str,
+    method: Literal["create", "upsert"] = "upsert",
+    now: datetime | None = None,
+) -> int:
+    """Queue ``resource`` for the EHR, or requeue its new version if it was queued before; the row id.
+
+    One outbox row per (tenant, type, identifier), as for vendor data: the row's body is replaced and
+    the row goes back to pending with a fresh attempt budget, written as an upsert (``PUT
+    Type?identifier=...``, or ``PUT Type/<identifier value>`` under the no-conditional-create quirk),
+    so the EHR ends up holding the latest version however many changes were queued before delivery.
+
+    A worker may hold the row right now, sending the previous version. The lease is kept (so no other
+    worker takes the row until that send is over) but the holder is cleared, so that worker's result
+    is not recorded and the new version is sent once the lease runs out: the newer version always
+    lands last.
+    """
+    now = now or utcnow()
+    body = orjson.dumps(resource)
+    resource_type = str(resource["resourceType"])
+    existing = session.execute(
+        select(OutboxItem.id, OutboxItem.lease_until).where(
+            OutboxItem.tenant_id == tenant_id,
+            OutboxItem.resource_type == resource_type,
+            OutboxItem.ident_system == ident_system,
+            OutboxItem.ident_value == ident_value,
+        )
+    ).first()
+    if existing is None:
+        row = OutboxItem(
+            tenant_id=tenant_id,
+            record_id=None,
+            group_key=ident_value,
+            resource_type=resource_type,
+            ident_system=ident_system,
+            ident_value=ident_value,
+            body=body,
+            method=method,
+            priority=0,
+            status="pending",
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+        )
+        session.add(row)
+        session.flush()
+        return row.id
+    session.execute(
+        update(OutboxItem)
+        .where(OutboxItem.id == existing.id)
+        .values(
+            body=body,
+            method="upsert",
+            status="pending",
+            attempts=0,
+            next_attempt_at=now,
+            leased_by=None,
+            outcome=null(),
+        )
+    )
+    return int(existing.id)
 
 
 # -- what hospital IT sees and does (fhir-bridge outbox ...) ---------------------------------------

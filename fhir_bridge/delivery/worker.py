@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import requests
 from sqlalchemy.exc import SQLAlchemyError
 
 from fhir_bridge.delivery import outbox
@@ -35,6 +36,7 @@ from fhir_bridge.delivery.outbox import Claim, Item, Result, Vendor
 from fhir_bridge.delivery.tenants import TenantDirectory, TenantRuntime
 from fhir_bridge.delivery.writers import Group, Written, make_outcome, make_writer
 from fhir_bridge.ops import metrics
+from fhir_bridge.relationship import webhooks
 from fhir_bridge.rules import engine as rules_engine
 from fhir_bridge.services import Services
 from fhir_bridge.storage.models import utcnow
@@ -93,11 +95,45 @@ class Worker:
         self.directory = directory or TenantDirectory(services.db, services.keyring, services.settings)
         self.stop = threading.Event()
         self._rules_due = 0.0  # monotonic time this process next asks whether schedule rules are due
+        self._http = threading.local()  # one requests.Session per delivery loop (thread)
+        self._webhooks_due = 0.0
 
     # -- one batch ------------------------------------------------------------------------------
 
     def run_once(self, *, loop: int = 0) -> int:
-        """Claim and deliver one batch; returns how many items it handled (0: nothing was due)."""
+        """Claim and deliver one batch (and the vendors' due webhook events); how many were handled.
+
+        Webhooks are looked at whenever the outbox is idle, and at most once a second while it is busy
+        (each look is a transaction, and on SQLite a transaction takes the write lock).
+        """
+        handled = self._outbox_once(loop)
+        if handled == 0 or time.monotonic() >= self._webhooks_due:
+            self._webhooks_due = time.monotonic() + 1.0
+            handled += self._webhooks()
+        return handled
+
+    @property
+    def webhook_http(self) -> requests.Session:
+        http: requests.Session | None = getattr(self._http, "session", None)
+        if http is None:
+            http = self._http.session = requests.Session()
+        return http
+
+    def _webhooks(self) -> int:
+        """Vendors' webhook events (issue 10), signed, at least once: fhir_bridge.relationship.webhooks."""
+        settings = self.services.settings
+        return webhooks.deliver_due(
+            self.db,
+            self.services.keyring,
+            issuer=settings.public_url,
+            http=self.webhook_http,
+            timeout=settings.http_timeout_seconds,
+            max_attempts=self.policy.max_attempts,
+            backoff=self.policy.backoff,
+            allow_insecure_loopback=settings.allow_insecure_loopback,
+        )
+
+    def _outbox_once(self, loop: int) -> int:
         tenants = self.directory.deliverable()
         if not tenants:
             return 0

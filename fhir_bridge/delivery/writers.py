@@ -275,8 +275,6 @@ class Plan:
 
     def _item_entry(self, item: Item, group: Group) -> Entry:
         url_full = full_url(item.ident_system, item.ident_value)
-        if item.op == "update":
-            return self._update_entry(item, group, url_full)
         if item.resource_type in self.put_types:
             resource = orjson.loads(item.body)
             resource["id"] = item.ident_value
@@ -286,6 +284,18 @@ class Plan:
                 resource,
                 "PUT",
                 f"{item.resource_type}/{item.ident_value}",
+                None,
+                item=item,
+                group=group,
+            )
+        if item.method == "upsert":
+            # Conditional update: creates the resource the first time, replaces it afterwards.
+            return Entry(
+                item.resource_type,
+                url_full,
+                item.body,
+                "PUT",
+                f"{item.resource_type}?{identifier_query(item.ident_system, item.ident_value)}",
                 None,
                 item=item,
                 group=group,
@@ -303,21 +313,6 @@ class Plan:
         if b'"id"' in item.body:
             entry.resource.pop("id", None)  # the EHR assigns ids to what it creates
         return entry
-
-    def _update_entry(self, item: Item, group: Group, url_full: str) -> Entry:
-        """A conditional update by the identifier the body carries (``PUT Type?identifier=...``), or a
-        PUT to that identifier as id for types the tenant writes with PUT: repeatable, and it converges
-        on the same final state whether or not the create went first."""
-        resource = orjson.loads(item.body)
-        resource.pop("id", None)
-        identifier = (resource.get("identifier") or [{}])[0]
-        system, value = str(identifier.get("system") or ""), str(identifier.get("value") or "")
-        if item.resource_type in self.put_types:
-            resource["id"] = value
-            url = f"{item.resource_type}/{value}"
-        else:
-            url = f"{item.resource_type}?{identifier_query(system, value)}"
-        return Entry(item.resource_type, url_full, resource, "PUT", url, None, item=item, group=group)
 
     def provenance(
         self, device: MappedResource, targets: Sequence[str], key_items: Sequence[Item]
@@ -641,11 +636,7 @@ class RoundsWriter:
             self.requests += 1
             try:
                 if entry.method == "PUT" and "?" in entry.url:
-                    written = _written_from_response(
-                        self.client.request(
-                            "PUT", entry.url, body=entry.resource, headers={"Prefer": "return=minimal"}
-                        )
-                    )
+                    written = _written_from_response(self.client.update_where(entry.resource, entry.url))
                 elif entry.method == "PUT":
                     written = _written_from_response(self.client.update(entry.resource))
                 else:

@@ -12,7 +12,9 @@
   since it fired, the rule does not fire again for that patient. The database enforces at most one
   open alert per (tenant, patient, rule).
 * :func:`acknowledged` (called by the dashboard's acknowledge action) queues the EHR side: the Flag
-  set ``inactive``, the Task ``completed``, as a conditional update by identifier (``op = update``).
+  set ``inactive``, the Task ``completed``, as an upsert of the same outbox row
+  (:func:`fhir_bridge.delivery.outbox.put`: a conditional update by identifier, sent after any write
+  of the older version still in flight).
 
 Identifiers are deterministic: ``sha256(tenant|patient|rule|trigger time)``, so the same history
 always produces the same Flag/Task identifiers, and the outbox's unique identifier makes a second
@@ -37,6 +39,7 @@ from sqlalchemy import Table, insert, or_, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from fhir_bridge.delivery import outbox
 from fhir_bridge.rules.model import (
     ANY,
     EpisodeState,
@@ -59,7 +62,6 @@ log = logging.getLogger(__name__)
 
 ALERT_SYSTEM = CANONICAL + "/sid/alert"
 # Outbox rows that update an alert's Flag/Task carry this system (the resource keeps ALERT_SYSTEM).
-ALERT_UPDATE_SYSTEM = CANONICAL + "/sid/alert-ack"
 FLAG_CATEGORY = "http://terminology.hl7.org/CodeSystem/flag-category"
 SCHEDULE_LEASE = "rules-schedule"
 _MEASUREMENTS = cast(Table, Measurement.__table__)
@@ -400,15 +402,13 @@ def _queue(
     ident: str,
     resource: dict[str, Any],
     now: datetime,
-    *,
-    op: str = "create",
 ) -> OutboxItem:
     return OutboxItem(
         tenant_id=tenant_id,
         record_id=None,
-        group_key=ident if op == "create" else f"ack-{ident}",
+        group_key=ident,
         resource_type=resource_type,
-        ident_system=ALERT_SYSTEM if op == "create" else ALERT_UPDATE_SYSTEM,
+        ident_system=ALERT_SYSTEM,
         ident_value=ident,
         body=orjson.dumps(resource),
         priority=0,
@@ -416,7 +416,6 @@ def _queue(
         attempts=0,
         next_attempt_at=now,
         created_at=now,
-        op=op,
     )
 
 
@@ -511,9 +510,10 @@ def maybe_run_scheduled(
 def acknowledged(session: Session, alert: Alert, now: datetime) -> list[str]:
     """Queue the EHR side of an acknowledgement: Flag ``inactive``, Task ``completed``.
 
-    An item not yet sent (pending, not leased) or dead-lettered is rewritten in place, so the EHR only
-    ever sees the final state; one delivered or being delivered gets a conditional update by
-    identifier, due after the lease of the write in flight. Returns the resource types queued.
+    The alert's own outbox row gets the new version (:func:`fhir_bridge.delivery.outbox.put`): sent as a
+    conditional update by its identifier, whether the first version reached the EHR, is being sent right
+    now (the new one goes after that send's lease) or was dead-lettered; the EHR ends up with the final
+    state and still one resource. Returns the resource types queued.
     """
     done: list[str] = []
     for outbox_id, change in (
@@ -525,15 +525,14 @@ def acknowledged(session: Session, alert: Alert, now: datetime) -> list[str]:
         item = session.get(OutboxItem, outbox_id, with_for_update=True)
         if item is None:
             continue
-        resource = change(orjson.loads(item.body), now)
-        lease_until = item.lease_until if item.lease_until is not None and item.lease_until >= now else None
-        if item.status == "dead" or (item.status == "pending" and lease_until is None):
-            item.body = orjson.dumps(resource)
-        else:
-            update = _queue(item.tenant_id, item.resource_type, item.ident_value, resource, now, op="update")
-            if item.status == "pending" and lease_until is not None:
-                update.next_attempt_at = lease_until + timedelta(seconds=1)
-            session.add(update)
+        outbox.put(
+            session,
+            tenant_id=item.tenant_id,
+            resource=change(orjson.loads(item.body), now),
+            ident_system=item.ident_system,
+            ident_value=item.ident_value,
+            now=now,
+        )
         done.append(item.resource_type)
     session.flush()
     return done

@@ -307,6 +307,7 @@ def capability_statement() -> dict[str, Any]:
                 "versioning": "versioned-update",
                 "updateCreate": True,
                 "conditionalCreate": True,
+                "conditionalUpdate": True,
                 "searchParam": [
                     {"name": "_id", "type": "token"},
                     {"name": "_lastUpdated", "type": "date"},
@@ -482,6 +483,26 @@ def update(rtype: str, rid: str) -> Response:
         outcome = sandbox.store.update(
             session, rtype, rid, data, caller().grant, if_match=request.headers.get("If-Match")
         )
+    return _write_response(outcome)
+
+
+@bp.put("/<rtype>")
+def conditional_update(rtype: str) -> Response:
+    """``PUT Type?criteria``: update the one match, or create when there is none (412 for several)."""
+    sandbox = runtime.current()
+    sandbox.store.check_type(rtype)
+    criteria = request.query_string.decode()
+    if not criteria:
+        raise BadRequest(
+            f"PUT {rtype[:64]} needs search criteria (Type?identifier=system|value) or an id (Type/id).",
+            code="invalid-condition",
+        )
+    data = _body()
+    with sandbox.db.write() as session:
+        rid = sandbox.store.conditional_update_id(session, rtype, criteria, path=None)
+        if isinstance(data, dict):
+            data = {**data, "id": rid}
+        outcome = sandbox.store.update(session, rtype, rid, data, caller().grant)
     return _write_response(outcome)
 
 

@@ -919,9 +919,12 @@ class FhirStore:
                     conditions[key] = target
                 posts.append((i, resource))
             elif method == "PUT":
-                rtype, rid = self._instance_url(url, where)
+                rtype, rid = self._put_target(session, url, where)
                 self._remember(ids, entry, f"{rtype}/{rid}")
-                puts.append((i, entry.get("resource"), rtype, rid))
+                data = entry.get("resource")
+                if "?" in url and isinstance(data, dict):
+                    data = {**data, "id": rid}  # a conditional update's body need not carry the id
+                puts.append((i, data, rtype, rid))
 
         # FHIR's processing order: creates, then updates, then reads.
         written: list[tuple[int, dict[str, Any]]] = []
@@ -987,10 +990,11 @@ class FhirStore:
                 if_none_exist=entry["request"].get("ifNoneExist"),
             )
         else:
-            rtype, rid = self._instance_url(url, where)
-            outcome = self.update(
-                session, rtype, rid, entry.get("resource"), access, path=f"{where}.resource"
-            )
+            rtype, rid = self._put_target(session, url, where)
+            data = entry.get("resource")
+            if "?" in url and isinstance(data, dict):
+                data = {**data, "id": rid}
+            outcome = self.update(session, rtype, rid, data, access, path=f"{where}.resource")
         return self._entry_result(outcome)
 
     def _get_entry(self, session: Session, url: str, access: Access, i: int) -> dict[str, Any]:
@@ -1044,11 +1048,31 @@ class FhirStore:
             )
         return method, url.strip("/"), request
 
+    def conditional_update_id(self, session: Session, rtype: str, criteria: str, *, path: str | None) -> str:
+        """Conditional update (``PUT Type?criteria``): the id of the one match, or a new id (create).
+        More than one match is 412, as for conditional create."""
+        self.check_type(rtype)
+        match = self._conditional_match(session, rtype, criteria, path=path)
+        return str(match["id"]) if match is not None else str(uuid.uuid4())
+
+    def _put_target(self, session: Session, url: str, where: str) -> tuple[str, str]:
+        """Where a Bundle PUT goes: ``Type/id``, or ``Type?criteria`` resolved as a conditional update."""
+        if "?" in url:
+            rtype, _, criteria = url.partition("?")
+            if "/" in rtype or not criteria:
+                raise BadRequest(
+                    f"{where}.request.url of a conditional update is Type?criteria.",
+                    code="invalid-entry",
+                    fhir_path=f"{where}.request.url",
+                )
+            return rtype, self.conditional_update_id(session, rtype, criteria, path=f"{where}.request.url")
+        return self._instance_url(url, where)
+
     def _instance_url(self, url: str, where: str) -> tuple[str, str]:
         parts = url.split("?")[0].split("/")
         if "?" in url or len(parts) != 2:
             raise BadRequest(
-                f"{where}.request.url of a PUT must be Type/id (conditional update is not supported).",
+                f"{where}.request.url of a PUT must be Type/id or Type?criteria.",
                 code="invalid-entry",
                 fhir_path=f"{where}.request.url",
             )

@@ -9,12 +9,13 @@ push response, never in the audit log.
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -262,6 +263,10 @@ class OutboxItem(Base):
     ident_system: Mapped[str] = mapped_column(String(255))
     ident_value: Mapped[str] = mapped_column(String(128))
     body: Mapped[bytes] = mapped_column(LargeBinary)
+    # create: conditional create on the identifier (written once, never changed). upsert: conditional
+    # update on the identifier (``PUT Type?identifier=...``): for resources the bridge changes later
+    # (Consent, Goal, Task), whose row is rewritten and requeued by :func:`outbox.requeue`.
+    method: Mapped[str] = mapped_column(String(16), default="create", server_default="create")
     # 0 = live data, 1 = backfill; lower goes first.
     priority: Mapped[int] = mapped_column(SmallInteger, default=0)
     # pending -> delivered | dead
@@ -276,9 +281,6 @@ class OutboxItem(Base):
     outcome: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column()
-    # create: conditional create on the identifier (ifNoneExist). update: conditional update by the
-    # identifier in the body (PUT Type?identifier=...), e.g. a Flag set inactive on acknowledgement.
-    op: Mapped[str] = mapped_column(String(8), default="create", server_default="create")
 
 
 class DeliveryAttempt(Base):
@@ -380,6 +382,104 @@ class AuditEvent(Base):
     hash: Mapped[str] = mapped_column(String(64), unique=True)
 
 
+# -- the two-way relationship (issue 10): goals, tasks, messages, webhooks --------------------------
+
+
+class Goal(Base):
+    """A goal the clinician agreed with the patient; written to the EHR as a FHIR ``Goal`` (upsert)."""
+
+    __tablename__ = "goals"
+    __table_args__ = (Index("ix_goals_patient", "tenant_id", "patient_id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    patient_id: Mapped[str] = mapped_column(String(64))
+    description: Mapped[str] = mapped_column(Text)
+    # Optional measurable target: a measure key of fhir_bridge.relationship.measures, a comparator
+    # and a value, by a due date.
+    measure: Mapped[str | None] = mapped_column(String(32))
+    comparator: Mapped[str | None] = mapped_column(String(2))
+    target_value: Mapped[float | None] = mapped_column(Float)
+    due_date: Mapped[date | None] = mapped_column(Date)
+    # FHIR Goal.lifecycleStatus: proposed | active | on-hold | completed | cancelled ...
+    lifecycle_status: Mapped[str] = mapped_column(String(16), default="active")
+    expressed_by: Mapped[str | None] = mapped_column(String(255))
+    created_by: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    # The latest accepted value of the measure (see relationship.progress), and when it was taken.
+    latest_value: Mapped[float | None] = mapped_column(Float)
+    latest_at: Mapped[datetime | None] = mapped_column()
+    ident_value: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class CareTask(Base):
+    """Something the clinician asks the patient to do between visits; a FHIR ``Task`` in the EHR."""
+
+    __tablename__ = "care_tasks"
+    __table_args__ = (Index("ix_care_tasks_patient", "tenant_id", "patient_id", "status"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    patient_id: Mapped[str] = mapped_column(String(64))
+    # questionnaire | module | check-in
+    kind: Mapped[str] = mapped_column(String(16))
+    # For questionnaires and check-ins: the catalogue measure whose data completes the task.
+    measure: Mapped[str | None] = mapped_column(String(64))
+    title: Mapped[str] = mapped_column(String(200))
+    due_date: Mapped[date | None] = mapped_column(Date)
+    # requested -> completed | cancelled
+    status: Mapped[str] = mapped_column(String(16), default="requested")
+    created_by: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    completed_at: Mapped[datetime | None] = mapped_column()
+    ident_value: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class Message(Base):
+    """A short message between the care team and the patient; a FHIR ``Communication`` in the EHR."""
+
+    __tablename__ = "messages"
+    __table_args__ = (Index("ix_messages_patient", "tenant_id", "patient_id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    patient_id: Mapped[str] = mapped_column(String(64))
+    # The enrollment a patient's message came through (None for the clinician's).
+    enrollment_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("enrollments.id"))
+    # to-patient | to-clinician
+    direction: Mapped[str] = mapped_column(String(16))
+    sender: Mapped[str] = mapped_column(String(255))
+    text: Mapped[str] = mapped_column(Text)
+    in_response_to: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("messages.id"))
+    sent_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    read_at: Mapped[datetime | None] = mapped_column()
+    # A vendor's own id for a message it posts (a repeated POST is the same message).
+    client_message_id: Mapped[str | None] = mapped_column(String(128))
+    ident_value: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class WebhookEvent(Base):
+    """An event for a vendor's webhook, delivered by the worker at least once (``event_id`` dedupes)."""
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (Index("ix_webhook_events_due", "status", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    event_id: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True, default=uuid.uuid4)
+    vendor_id: Mapped[int] = mapped_column(ForeignKey("vendor_clients.id"))
+    kind: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column()
+    # pending -> delivered | dead
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_status: Mapped[int | None] = mapped_column(SmallInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column()
+
+
 class SchedulerLease(Base):
     """Which worker runs a periodic job right now (a portable stand-in for advisory locks on SQLite)."""
 
@@ -458,9 +558,12 @@ __all__ = [
     "Alert",
     "AuditEvent",
     "Base",
+    "CareTask",
     "DeliveryAttempt",
     "Enrollment",
+    "Goal",
     "Measurement",
+    "Message",
     "OutboxItem",
     "PairingAttempt",
     "Record",
@@ -471,5 +574,6 @@ __all__ = [
     "Tenant",
     "UsedAssertion",
     "VendorClient",
+    "WebhookEvent",
     "utcnow",
 ]

@@ -21,6 +21,9 @@ ALL_SCOPES = (
     "enrollments",
     "records.write",
     "records.read",
+    "relationship.read",
+    "messages.write",
+    "tasks.write",
     "system/Observation.c",
     "system/QuestionnaireResponse.c",
 )

@@ -97,3 +97,16 @@ def test_the_refused_entry_is_read_from_the_outcome() -> None:
     sekmet = {"issue": [{"diagnostics": "Transaction rolled back: Entry 2 (POST Observation): failed"}]}
     assert _culprit_index(sekmet, "") == 2
     assert _culprit_index({"issue": [{"diagnostics": "something else"}]}, "400") is None
+
+
+def test_upserts_are_conditional_updates_or_puts_to_the_identifier_under_the_quirk() -> None:
+    body = {"resourceType": "Consent", "status": "inactive"}
+    upsert = Item(1, "t", None, "c1", "Consent", SYSTEM, "c1", orjson.dumps(body), 0, 0, "upsert")
+    (entry,) = Plan([Group("c1", [upsert])], frozenset()).items
+    assert (entry.method, entry.url, entry.if_none_exist) == ("PUT", f"Consent?identifier={SYSTEM}|c1", None)
+    assert orjson.loads(entry.bundle_entry_json())["request"] == {"method": "PUT", "url": entry.url}
+    plan = Plan([Group("c1", [upsert])], frozenset({"Consent"}))
+    (put,) = plan.items
+    assert (put.method, put.url, put.resource["id"]) == ("PUT", "Consent/c1", "c1")
+    assert plan.fixed_refs == {full_url(SYSTEM, "c1"): "Consent/c1"}
+    assert Plan([Group("c1", [upsert])], frozenset()).fixed_refs == {}, "a search URL is no reference"

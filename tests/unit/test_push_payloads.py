@@ -29,10 +29,15 @@ def vendor(app: Flask) -> Vendor:
 
 
 def stored(app: Flask) -> tuple[int, int, int]:
+    """Submissions, records and their outbox items (not the Consent a claim queues)."""
     with services.from_app(app).db.sessions() as session:
         return tuple(  # type: ignore[return-value]
-            int(session.execute(select(func.count()).select_from(m)).scalar_one())
-            for m in (Submission, Record, OutboxItem)
+            int(session.execute(select(func.count()).select_from(m).where(*where)).scalar_one())
+            for m, where in (
+                (Submission, ()),
+                (Record, ()),
+                (OutboxItem, (OutboxItem.record_id.is_not(None),)),
+            )
         )
 
 

@@ -107,3 +107,46 @@ def test_add_refuses_bad_keys_hosts_scopes_and_duplicates(app: Flask, tmp_path: 
     assert again.exit_code != 0 and "already registered" in again.output
     missing = runner.invoke(cli, ["vendor", "disable", "ghost"], env=_env(app))
     assert missing.exit_code != 0 and "no vendor" in missing.output
+
+
+def test_webhook_url_is_https_only_and_removable(app: Flask, tmp_path: Path) -> None:
+    from tests.support.vendor import register
+
+    register(app, "hooked-app")
+    runner = CliRunner()
+    env = _env(app)
+    plain = runner.invoke(cli, ["vendor", "webhook", "hooked-app", "http://hooks.acme.example/x"], env=env)
+    assert plain.exit_code != 0 and "https" in plain.output
+    ok = runner.invoke(cli, ["vendor", "webhook", "hooked-app", "https://hooks.acme.example/x"], env=env)
+    assert ok.exit_code == 0, ok.output
+    assert "/.well-known/jwks.json" in ok.output
+    listed = runner.invoke(cli, ["vendor", "list"], env=env)
+    assert "webhook: https://hooks.acme.example/x" in listed.output
+    unknown = runner.invoke(cli, ["vendor", "webhook", "nobody-app", "https://hooks.acme.example/x"], env=env)
+    assert unknown.exit_code != 0 and "no vendor" in unknown.output
+    removed = runner.invoke(cli, ["vendor", "webhook", "hooked-app", "--remove"], env=env)
+    assert removed.exit_code == 0 and "removed" in removed.output
+    both = runner.invoke(cli, ["vendor", "webhook", "hooked-app"], env=env)
+    assert both.exit_code != 0
+
+
+def test_the_crisis_line_is_an_ehr_setting_shown_with_every_thread(app: Flask) -> None:
+    from fhir_bridge.relationship import messages
+    from fhir_bridge.storage.models import Tenant
+    from tests.support.vendor import add_tenant
+
+    db = services.from_app(app).db
+    add_tenant(db, "general")
+    runner = CliRunner()
+    env = _env(app)
+    ok = runner.invoke(cli, ["ehr", "update", "general", "--crisis-line", "Samaritans 116 123"], env=env)
+    assert ok.exit_code == 0, ok.output
+    with db.sessions() as session:
+        assert "Samaritans 116 123" in messages.crisis_notice(session.get(Tenant, "general"))
+    bad = runner.invoke(cli, ["ehr", "update", "general", "--crisis-line", "a\nb"], env=env)
+    assert bad.exit_code != 0 and "one line" in bad.output
+    cleared = runner.invoke(cli, ["ehr", "update", "general", "--crisis-line", ""], env=env)
+    assert cleared.exit_code == 0
+    with db.sessions() as session:
+        notice = messages.crisis_notice(session.get(Tenant, "general"))
+    assert notice.endswith("local emergency number.")

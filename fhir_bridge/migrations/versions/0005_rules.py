@@ -5,8 +5,7 @@
 * ``alerts.episode_ended_at`` / ``trigger_at`` / ``ident_value``: an alert stays one episode until an
   evaluation finds its condition false; the identifier of its Flag/Task is derived from them.
 * ``tenants.cds_client_*``: who may call our CDS Hooks service for that EHR (iss and its keys).
-* ``outbox.op``: ``create`` (conditional create, as before) or ``update`` (conditional update by
-  identifier, e.g. a Flag set inactive when its alert is acknowledged).
+* (An acknowledgement's Flag/Task change is an outbox upsert: ``outbox.method``, migration 0007.)
 
 Revision ID: 0005
 Revises: 0004
@@ -56,8 +55,6 @@ def upgrade() -> None:
         batch.add_column(sa.Column("episode_ended_at", sa.DateTime(timezone=True), nullable=True))
         batch.add_column(sa.Column("ident_value", sa.String(length=64), nullable=True))
     op.create_index("ix_alerts_episode", "alerts", ["tenant_id", "patient_id", "rule_id"])
-    with op.batch_alter_table("outbox") as batch:
-        batch.add_column(sa.Column("op", sa.String(length=8), nullable=False, server_default="create"))
     with op.batch_alter_table("tenants") as batch:
         batch.add_column(sa.Column("cds_client_iss", sa.String(length=2048), nullable=True))
         batch.add_column(sa.Column("cds_client_jwks", sa.JSON(), nullable=True))
@@ -69,8 +66,6 @@ def downgrade() -> None:
         batch.drop_column("cds_client_jwks_url")
         batch.drop_column("cds_client_jwks")
         batch.drop_column("cds_client_iss")
-    with op.batch_alter_table("outbox") as batch:
-        batch.drop_column("op")
     op.drop_index("ix_alerts_episode", table_name="alerts")
     with op.batch_alter_table("alerts") as batch:
         batch.drop_column("ident_value")

@@ -654,3 +654,55 @@ def test_capability_statement_is_valid_r4_and_lists_the_search_parameters(driver
     assert observation_entry["conditionalCreate"] is True and observation_entry["updateCreate"] is True
     assert {i["code"] for i in statement["rest"][0]["interaction"]} == {"transaction", "batch"}
     assert "development and demo only" in statement["software"]["name"]
+
+
+CONSENT_SCOPE = "http://terminology.hl7.org/CodeSystem/consentscope"
+
+
+def _consent(status: str, value: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Consent",
+        "identifier": [{"system": IDENT, "value": value}],
+        "status": status,
+        "scope": {"coding": [{"system": CONSENT_SCOPE, "code": "patient-privacy"}]},
+        "category": [{"coding": [{"system": LOINC, "code": "59284-0"}]}],
+        "patient": {"reference": f"Patient/{PATIENT}"},
+        "policyRule": {"text": "share the app's data with the care team"},
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("how", ["transaction", "batch", "single"])
+def test_conditional_update_creates_once_then_replaces(driver: Driver, system_token: str, how: str) -> None:
+    """What fhir-bridge's upserts (Consent, Goal, Task, Communication) need: PUT Type?identifier=..."""
+    value = f"consent-{how}"
+    url = f"Consent?identifier={IDENT}|{value}"
+
+    def put(status: str) -> tuple[int, str]:
+        resource = _consent(status, value)
+        if how == "single":
+            response = driver.fhir("PUT", url, system_token, resource)
+            assert response.status_code in (200, 201), response.json
+            return response.status_code, response.headers["Location"]
+        bundle = {"resourceType": "Bundle", "type": how,
+                  "entry": [{"resource": resource, "request": {"method": "PUT", "url": url}}]}  # fmt: skip
+        response = driver.fhir("POST", "", system_token, bundle)
+        assert response.status_code == 200, response.json
+        answer = response.json["entry"][0]["response"]
+        return int(answer["status"][:3]), answer["location"]
+
+    created, first = put("active")
+    updated, second = put("inactive")
+    assert (created, updated) == (201, 200)
+    assert first.split("/_history")[0] == second.split("/_history")[0]
+    found = search(driver, system_token, f"Consent?identifier={IDENT}|{value}")
+    assert found["total"] == 1 and found["entry"][0]["resource"]["status"] == "inactive"
+
+
+def test_conditional_update_matching_several_is_412(driver: Driver, system_token: str) -> None:
+    for _ in range(2):
+        create(driver, system_token, _consent("active", "twice"))
+    response = driver.fhir(
+        "PUT", f"Consent?identifier={IDENT}|twice", system_token, _consent("inactive", "twice")
+    )
+    assert response.status_code == 412
+    assert driver.fhir("PUT", "Consent", system_token, _consent("inactive", "x")).status_code == 400

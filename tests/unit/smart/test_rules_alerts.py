@@ -62,16 +62,16 @@ def test_acknowledging_a_rule_alert_closes_its_flag_and_task_in_the_outbox_and_a
 
     with smart.app_context(), services.current().db.transaction() as session:
         items = session.scalars(select(OutboxItem).order_by(OutboxItem.id)).all()
-        by_type = {(i.resource_type, i.ident_value, i.op): orjson.loads(i.body) for i in items}
-        # Not yet sent: rewritten in place, so the EHR only ever sees the final state.
-        assert by_type[("Flag", safety.ident_value, "create")]["status"] == "inactive"
-        assert by_type[("Task", safety.ident_value, "create")]["status"] == "completed"
-        # Already in the EHR: the create stays as delivered, an update by identifier is queued.
-        assert by_type[("Task", silent.ident_value, "create")]["status"] == "requested"
-        update = by_type[("Task", silent.ident_value, "update")]
-        assert update["status"] == "completed"
-        assert update["identifier"] == [{"system": engine.ALERT_SYSTEM, "value": silent.ident_value}]
-        assert len(items) == 4
+        rows = {(i.resource_type, i.ident_value): i for i in items}
+        # Each Flag/Task keeps its one row, now holding the final state, to be sent again as a
+        # conditional update by identifier (also the one already delivered to the EHR).
+        for kind, alert, status in (("Flag", safety, "inactive"), ("Task", safety, "completed"),
+                                    ("Task", silent, "completed")):  # fmt: skip
+            row = rows[(kind, alert.ident_value)]
+            body = orjson.loads(row.body)
+            assert (row.method, row.status, body["status"]) == ("upsert", "pending", status), kind
+            assert body["identifier"] == [{"system": engine.ALERT_SYSTEM, "value": alert.ident_value}]
+        assert len(items) == 3
         audits = session.scalars(select(AuditEvent).where(AuditEvent.action == "alert.acknowledge")).all()
         assert {(a.actor_id, a.target) for a in audits} == {
             ("Practitioner/dr1", f"alert/{safety.id}"),

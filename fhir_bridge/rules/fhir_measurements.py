@@ -82,6 +82,11 @@ def _day(resource: dict[str, Any]) -> datetime | None:
 
 def measurements_of(resource: dict[str, Any], catalog: Catalog | None = None) -> tuple[Measurement, ...]:
     """The ledger measurements one pushed FHIR resource carries (none for most)."""
+    if resource.get("resourceType") == "QuestionnaireResponse":
+        # Scored only when mapped natively; as FHIR it still says the app was used at that moment.
+        authored = _when({"effectiveDateTime": resource.get("authored")})
+        ok = resource.get("status") in ("completed", "amended") and authored is not None
+        return (Measurement(ACTIVITY, authored, 1.0),) if ok and authored is not None else ()
     if resource.get("resourceType") != "Observation" or resource.get("status") not in (
         "final",
         "amended",

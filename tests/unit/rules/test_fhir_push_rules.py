@@ -66,3 +66,6 @@ def test_only_final_scores_with_a_time_and_a_number_count() -> None:
     ]
     assert measurements_of(_score("44261-6", "x", {"valueString": "12"})) == ()
     assert measurements_of(_score("70274-6", "g", {"valueQuantity": {"value": 9}}))[0].code == "gad7.total"
+    qr = {"resourceType": "QuestionnaireResponse", "status": "completed", "authored": "2026-11-20T08:00:00Z"}
+    assert [m.code for m in measurements_of(qr)] == ["fhir.observation"]
+    assert measurements_of(qr | {"status": "in-progress"}) == ()

@@ -5,17 +5,21 @@ Only questionnaire scores and scored item Observations the catalogue defines are
 item 9, GAD-7 total, D-WAI totals, ...): their codes, from the catalogue, say which ledger code they
 are, and their values are unit-free numbers (``valueInteger``, ``valueQuantity.value``, or, for an item,
 a ``valueCodeableConcept`` whose answer code the catalogue scores). Device data pushed as FHIR (steps,
-sleep) is not read: units vary between apps, and a wrong unit would make a rule fire on nothing.
+sleep) is not read as values: units vary between apps, and a wrong unit would make a rule fire on
+nothing; it is recorded as ``fhir.observation`` = 1 at its time, so absence rules see the app is in use.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
 from mappings import Catalog, Measurement, load_catalog
 from mappings.spec import QuestionnaireSpec
+
+# Any other final Observation a vendor pushed as FHIR: only "the app sent data then" (value 1).
+ACTIVITY = "fhir.observation"
 
 
 @lru_cache(maxsize=1)
@@ -65,8 +69,24 @@ def _when(resource: dict[str, Any]) -> datetime | None:
     return moment if moment.tzinfo is not None else None
 
 
+def _day(resource: dict[str, Any]) -> datetime | None:
+    """A date-only effective time as midnight UTC (as the native mapping records measures by date)."""
+    raw = resource.get("effectiveDateTime") or (resource.get("effectivePeriod") or {}).get("start")
+    if not isinstance(raw, str) or len(raw) != 10:
+        return None
+    try:
+        return datetime.fromisoformat(raw).replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
 def measurements_of(resource: dict[str, Any], catalog: Catalog | None = None) -> tuple[Measurement, ...]:
     """The ledger measurements one pushed FHIR resource carries (none for most)."""
+    if resource.get("resourceType") == "QuestionnaireResponse":
+        # Scored only when mapped natively; as FHIR it still says the app was used at that moment.
+        authored = _when({"effectiveDateTime": resource.get("authored")})
+        ok = resource.get("status") in ("completed", "amended") and authored is not None
+        return (Measurement(ACTIVITY, authored, 1.0),) if ok and authored is not None else ()
     if resource.get("resourceType") != "Observation" or resource.get("status") not in (
         "final",
         "amended",
@@ -80,7 +100,12 @@ def measurements_of(resource: dict[str, Any], catalog: Catalog | None = None) ->
             key = (str(coding.get("system")), str(coding.get("code")))
             break
     when = _when(resource)
-    if key is None or when is None:
+    if key is None:
+        # Not a score, but data from the app all the same: absence rules (days_since_last("*")) must
+        # see it, or a vendor pushing only device data as FHIR would look disengaged.
+        moment = when or _day(resource)
+        return (Measurement(ACTIVITY, moment, 1.0),) if moment is not None else ()
+    if when is None:
         return ()
     value: float | None = None
     if isinstance(resource.get("valueInteger"), int) and not isinstance(resource.get("valueInteger"), bool):

@@ -37,10 +37,14 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from mappings.fhirpath import compile_expression, syntax_errors
 
 API_VERSION = "fhir-bridge/rules/v1"
 DEFAULTS_DIR = Path(__file__).parent / "defaults"
@@ -106,6 +110,7 @@ class Series:
     times: list[datetime] = field(default_factory=list)
     values: list[float] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
+    codes: list[str] = field(default_factory=list)
 
 
 class History:
@@ -114,14 +119,16 @@ class History:
     def __init__(
         self, rows: Iterable[tuple[str, datetime, float, int]], *, since: datetime | None = None
     ) -> None:
-        by_code: dict[str, list[tuple[datetime, float, int]]] = {}
+        by_code: dict[str, list[tuple[datetime, float, int, str]]] = {}
         for code, at, value, offset in rows:
-            by_code.setdefault(code, []).append((at, value, offset))
-            by_code.setdefault(ANY, []).append((at, value, offset))
+            by_code.setdefault(code, []).append((at, value, offset, code))
+            by_code.setdefault(ANY, []).append((at, value, offset, code))
         self.series: dict[str, Series] = {}
         for code, points in by_code.items():
             points.sort(key=lambda p: p[0])
-            self.series[code] = Series([p[0] for p in points], [p[1] for p in points], [p[2] for p in points])
+            self.series[code] = Series(
+                [p[0] for p in points], [p[1] for p in points], [p[2] for p in points], [p[3] for p in points]
+            )
         # When observation started (the enrollment's claim): absence is counted from here without data.
         self.since = since
 
@@ -216,10 +223,37 @@ def _extreme(highest: bool) -> Callable[[AsOf, str, float], Value]:
     return aggregate
 
 
+@lru_cache(maxsize=256)
+def _fhirpath_evaluator(expression: str) -> Any:
+    return compile_expression(expression)
+
+
+def json_view(ctx: AsOf) -> dict[str, Any]:
+    """What ``fhirpath()`` sees: the measurements known as of the moment, oldest first."""
+    series, n = ctx.upto(ANY)
+    measurements = [
+        {"code": series.codes[i], "time": series.times[i].isoformat(), "value": series.values[i]}
+        for i in range(n)
+    ]
+    return {"resourceType": "MeasurementHistory", "asOf": ctx.at.isoformat(), "measurement": measurements}
+
+
+def _fhirpath(ctx: AsOf, expression: str) -> Value:
+    result = _fhirpath_evaluator(expression)(json_view(ctx), {"asOf": ctx.at.isoformat()})
+    if not result:
+        return None
+    first = result[0]
+    if isinstance(first, bool):
+        return 1.0 if first else 0.0
+    if isinstance(first, int | float | Decimal):  # fhirpathpy gives decimals as Decimal
+        return float(first)
+    return None
+
+
 @dataclass(frozen=True)
 class Function:
     impl: Callable[..., Value]
-    args: tuple[str, ...]  # "code" (a string literal) or "days" (a number or a param name)
+    args: tuple[str, ...]  # "code" / "fhirpath" (string literals) or "days" (a number or a param name)
     optional: int = 0
     doc: str = ""
 
@@ -239,6 +273,12 @@ FUNCTIONS: dict[str, Function] = {
         optional=1,
         doc='days from the latest value (of any code with "*", the default) to the evaluation moment; '
         "from the start of the enrollment when there is none",
+    ),
+    "fhirpath": Function(
+        _fhirpath,
+        ("fhirpath",),
+        doc="a FHIRPath expression over {measurement: [{code, time, value}, ...]} as of the moment "
+        "(oldest first; %asOf is the moment); its first result as a number (true = 1)",
     ),
     "count": Function(_count, ("code", "days"), doc="how many values in the last `days` days (inclusive)"),
     "min": Function(_extreme(False), ("code", "days"), doc="the lowest value in the last `days` days"),
@@ -329,7 +369,14 @@ def _check(node: ast.AST, where: str, names: set[str], params: Mapping[str, floa
                 f"{where}: {fname}() takes ({', '.join(fn.args)}), got {len(node.args)} argument(s)"
             )
         for kind, arg in zip(fn.args, node.args, strict=False):
-            if kind == "code":
+            if kind == "fhirpath":
+                if not (isinstance(arg, ast.Constant) and isinstance(arg.value, str) and arg.value.strip()):
+                    raise ValueError(f"{where}: fhirpath() needs a FHIRPath expression in quotes")
+                problems = syntax_errors(arg.value)
+                if problems:
+                    raise ValueError(f"{where}: fhirpath({arg.value!r}): {'; '.join(problems)}")
+                codes.add(ANY)  # it may read any code
+            elif kind == "code":
                 if not (isinstance(arg, ast.Constant) and isinstance(arg.value, str) and arg.value):
                     raise ValueError(
                         f'{where}: {fname}() needs a measurement code in quotes, e.g. "phq9.total"'
@@ -381,7 +428,7 @@ def evaluate(node: ast.expr, ctx: AsOf, env: Mapping[str, Value]) -> Value | boo
     fn = FUNCTIONS[node.func.id]
     args: list[Any] = []
     for kind, arg in zip(fn.args, node.args, strict=False):
-        if kind == "code":
+        if kind in ("code", "fhirpath"):
             assert isinstance(arg, ast.Constant)
             args.append(arg.value)
         else:

@@ -131,3 +131,10 @@ def test_sandbox_ehr_ships_its_pages(installed: Path, tmp_path: Path) -> None:
         check=False,
     )
     assert check.stdout.split() == ["True", "True"], check.stderr
+
+
+def test_default_rules_ship_in_the_wheel(installed: Path, tmp_path: Path) -> None:
+    result = _run(installed, "rules", "list", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    ids = [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
+    assert ids == ["safety-item9", "severe", "no-response", "disengagement", "alliance-drop"]

@@ -1,5 +1,5 @@
 """Rules see what vendors push as FHIR too: PHQ-9 total and item 9 Observations reach the ledger and fire
-the same rules as native records; device data in FHIR (units vary) does not reach the ledger."""
+the same rules as native records; device data in FHIR (units vary) counts only as "the app sent data"."""
 
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ def test_fhir_pushed_scores_reach_the_ledger_and_fire_rules(app: Flask, vendor: 
     assert response.status_code == 200, response.get_data(as_text=True)
     with app.app_context(), services.current().db.transaction() as session:
         ledger = {(m.code, m.value) for m in session.scalars(select(Measurement))}
-        assert ledger == {("phq9.total", 22.0), ("phq9.item9", 2.0)}
+        # Steps: not as a value (units vary), only as "the app sent data" for absence rules.
+        assert ledger == {("phq9.total", 22.0), ("phq9.item9", 2.0), ("fhir.observation", 1.0)}
         rules = sorted(a.rule_id for a in session.scalars(select(Alert)))
         assert rules == ["safety-item9", "severe"]
     # The same Bundle again: duplicates, nothing new.
@@ -59,5 +60,12 @@ def test_only_final_scores_with_a_time_and_a_number_count() -> None:
     assert [m.code for m in measurements_of(base)] == ["phq9.total"]
     assert measurements_of(base | {"status": "preliminary"}) == ()
     assert measurements_of(base | {"effectiveDateTime": "2026-11-20"}) == ()  # no moment to evaluate at
+    steps = measurements_of(obs())  # effectiveDateTime 2026-11-20 (a date)
+    assert [(m.code, m.time.isoformat(), m.value) for m in steps] == [
+        ("fhir.observation", "2026-11-20T00:00:00+00:00", 1.0)
+    ]
     assert measurements_of(_score("44261-6", "x", {"valueString": "12"})) == ()
     assert measurements_of(_score("70274-6", "g", {"valueQuantity": {"value": 9}}))[0].code == "gad7.total"
+    qr = {"resourceType": "QuestionnaireResponse", "status": "completed", "authored": "2026-11-20T08:00:00Z"}
+    assert [m.code for m in measurements_of(qr)] == ["fhir.observation"]
+    assert measurements_of(qr | {"status": "in-progress"}) == ()

@@ -249,3 +249,26 @@ def test_an_absence_rule_fires_on_the_schedule_and_new_data_ends_its_episode() -
     fired = run_rule(rule, history_, [day(9)], state)  # the schedule, nine quiet days later
     assert [e.kind for e in fired] == ["fired"] and fired[0].reason.startswith("No app data for 9 days")
     assert [e.kind for e in run_rule(rule, history_, [day(21)], state, end_only=True)] == ["ended"]
+
+
+def test_fhirpath_over_the_history_as_of_a_moment(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "apiVersion: fhir-bridge/rules/v1\nrules:\n  - id: probe\n    let:\n"
+        "      last: >-\n        fhirpath(\"measurement.where(code = 'phq9.total').value.last()\")\n"
+        "      high: >-\n        fhirpath(\"measurement.where(code = 'phq9.total' and value >= 15)\n"
+        '        .count()")\n'
+        "    when: last < 16\n    reason: '{last} {high}'\n    task: {text: x}\n",
+    )
+    rule = parse_file(path)[0]
+    history_ = History(rows_of(PHQ))
+    holds, env = rule.check(AsOf(history_, day(60)))  # as of day 60: 16, 18, 15 known
+    assert holds and rule.explain(env) == "15 3"
+    holds, env = rule.check(AsOf(history_, day(10)))
+    assert not holds and rule.explain(env) == "18 2"
+
+
+def test_a_fhirpath_syntax_error_is_refused_at_load(tmp_path: Path) -> None:
+    text = GOOD.format(id="x", when="fhirpath('measurement.where(') >= 1")
+    with pytest.raises(RuleFileError, match=r"\(x\)\.when: fhirpath\('measurement.where\('\): column"):
+        parse_file(write(tmp_path, text, "r.yaml"))

@@ -871,6 +871,34 @@ def enrollment_list(ctx: Context, tenant: str | None, vendor_id: str | None) -> 
         )
 
 
+# -- bench ------------------------------------------------------------------------------------
+
+
+@cli.command(
+    "bench",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple[str, ...]) -> None:
+    """Run the benchmark suite (TARGETS.md): ``--quick``, ``--only NAMES``, ``--json PATH``, ``compare A B``.
+
+    The suite lives in the source checkout (``bench/``, next to ``tests/support`` whose servers it
+    starts), not in the installed package; run this from the checkout. ``--help`` lists the options.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    if importlib.util.find_spec("bench.suite") is None:
+        cwd = Path.cwd()
+        if (cwd / "bench" / "suite.py").is_file():
+            sys.path.insert(0, str(cwd))
+        else:
+            raise click.ClickException("the benchmark suite needs a source checkout: run this from its root")
+    from bench.__main__ import main as bench_main
+
+    raise SystemExit(bench_main(list(args)))
+
+
 # -- map --------------------------------------------------------------------------------------
 
 

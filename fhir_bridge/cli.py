@@ -247,7 +247,9 @@ def _require_current_schema(database: Any) -> None:
 def worker(ctx: Context, once: bool, threads: int | None, metrics_port: int | None) -> None:
     """Deliver queued resources to the EHRs until SIGTERM or SIGINT (the batch in hand is finished).
 
-    Any number of workers may run against one PostgreSQL database; on SQLite run one.
+    Any number of workers may run against one PostgreSQL database; on SQLite run one. Each also
+    offers the scheduled jobs (key rotation, retention purge, absence-of-data rules); one worker runs
+    each job once per SCHEDULER_TICK_SECONDS.
     """
     import signal
     import threading
@@ -282,7 +284,7 @@ def worker(ctx: Context, once: bool, threads: int | None, metrics_port: int | No
         while not stop.is_set() and runner.run_once():
             pass
         return
-    runner.run(threads=threads or settings.worker_threads)
+    runner.run(threads=threads or settings.worker_threads, schedule=True)
 
 
 @cli.group()

@@ -282,6 +282,31 @@ SPECS: tuple[Spec, ...] = (
         "Delivery loops per worker process (one claims while another waits for the EHR).",
     ),
     Spec(
+        "SCHEDULER_TICK_SECONDS",
+        300,
+        _int_between(1, 86400),
+        "How often scheduled jobs (key rotation, retention purge, absence-of-data rules) run; "
+        "exactly one `fhir-bridge worker` runs each job once per tick.",
+    ),
+    Spec(
+        "KEY_ROTATION_DAYS",
+        90,
+        _int_between(0, 3650),
+        "Age at which the scheduler rotates the signing key (and removes retired keys). 0: only by hand.",
+    ),
+    Spec(
+        "RETENTION_DELIVERED_DAYS",
+        30,
+        _int_between(0, 3650),
+        "Days delivered outbox items (their bodies hold PHI) are kept after delivery. 0: kept.",
+    ),
+    Spec(
+        "RETENTION_DEAD_DAYS",
+        90,
+        _int_between(0, 3650),
+        "Days dead-lettered outbox items are kept (unless an alert points to them). 0: kept.",
+    ),
+    Spec(
         "HTTP_TIMEOUT_SECONDS",
         30.0,
         _float_between(1.0, 600.0),
@@ -340,6 +365,10 @@ class Settings:
     worker_retry_base_seconds: float
     worker_retry_max_seconds: float
     worker_threads: int
+    scheduler_tick_seconds: int
+    key_rotation_days: int
+    retention_delivered_days: int
+    retention_dead_days: int
     http_timeout_seconds: float
     item_text_file: Path | None
     future_tolerance_seconds: int

@@ -285,8 +285,19 @@ class Worker:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def run(self, *, threads: int = 1) -> None:
-        """Deliver until :attr:`stop` is set; each loop finishes the batch it holds before returning."""
+    def run(self, *, threads: int = 1, schedule: bool = False) -> None:
+        """Deliver until :attr:`stop` is set; each loop finishes the batch it holds before returning.
+
+        With ``schedule``, this process also offers the scheduled jobs (:mod:`fhir_bridge.scheduler`);
+        locks make sure one worker among all of them runs each job once per tick.
+        """
+        scheduler_thread = None
+        if schedule:
+            from fhir_bridge.scheduler import Scheduler
+
+            scheduler = Scheduler(self.services, holder=self.name)
+            scheduler.stop = self.stop
+            scheduler_thread = scheduler.start()
         log.info("delivery worker started", extra={"worker": self.name, "count": threads})
         loops = [
             threading.Thread(target=self._loop, args=(n,), name=f"delivery-{n}", daemon=True)
@@ -297,6 +308,8 @@ class Worker:
         self._loop(0)
         for thread in loops:
             thread.join()
+        if scheduler_thread is not None:
+            scheduler_thread.join(min(30.0, self.policy.lease_seconds))
         log.info("delivery worker stopped", extra={"worker": self.name})
 
     def _loop(self, number: int) -> None:
@@ -322,7 +335,7 @@ class BackgroundWorker:
         self.worker = Worker(services)
         self.thread = threading.Thread(
             target=self.worker.run,
-            kwargs={"threads": services.settings.worker_threads},
+            kwargs={"threads": services.settings.worker_threads, "schedule": True},
             name="delivery-embedded",
             daemon=True,
         )

@@ -137,11 +137,12 @@ class Scheduler:
     def run_due(self, now: datetime | None = None) -> list[str]:
         """Run every job not yet run in this tick that no other worker is running; names of those run."""
         ran = []
+        now = now or utcnow()  # one moment for all jobs: they belong to the same tick
         for job in self.jobs:
             if self.stop.is_set():
                 break
             try:
-                if self._offer(job, now or utcnow()):
+                if self._offer(job, now):
                     ran.append(job.name)
             except Exception:
                 # One failing job must not stop the others, nor the worker; it is retried next tick.

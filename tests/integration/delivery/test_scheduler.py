@@ -152,3 +152,31 @@ def test_key_rotation_replaces_a_key_older_than_the_rotation_age(
     # A fresh key is not rotated again at the next tick.
     assert scheduler.run_due(datetime.now(UTC) + timedelta(seconds=TICK)) == ["key-rotation"]
     assert {e.kid for e in services.keyring.entries()} == {new.kid, previous.kid}
+
+
+def test_claims_on_postgresql_lock_with_skip_locked(
+    pg_server: PostgresServer, make_services: ServicesFactory
+) -> None:
+    """Claimers never wait on each other on PostgreSQL: every locking SELECT of a claim skips
+    rows another claimer holds (docs/deploy.md relies on this for N workers)."""
+    from sqlalchemy import event
+
+    from fhir_bridge.delivery import outbox
+
+    services = make_services(pg_server.create_database())
+    add_tenant(services.db, "skip", "http://127.0.0.1:9/fhir")
+    seed(services.db, "skip", patient="p-skip", records=4)
+    statements: list[str] = []
+
+    def capture(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        statements.append(statement)
+
+    event.listen(services.db.engine, "before_cursor_execute", capture)
+    try:
+        claim = outbox.claim(services.db, worker="w", limit=10, lease_seconds=30, tenants=["skip"])
+    finally:
+        event.remove(services.db.engine, "before_cursor_execute", capture)
+    assert claim.items
+    locking = [s for s in statements if "FOR UPDATE" in s]
+    assert locking, statements
+    assert all("FOR UPDATE SKIP LOCKED" in s for s in locking), locking

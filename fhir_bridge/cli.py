@@ -326,6 +326,17 @@ def _ehr_options(func: F) -> F:
             "--max-rps", type=click.FloatRange(min=0.1), help="Most requests per second to this EHR."
         ),
         click.option("--max-concurrent", type=click.IntRange(1, 64), help="Most requests in flight at once."),
+        click.option(
+            "--backfill-rps",
+            type=click.FloatRange(min=0),
+            help="Most requests per second for backfill (history pushed with mode=backfill), within "
+            "--max-rps; per worker process. 0: no separate backfill limit.",
+        ),
+        click.option(
+            "--backfill-concurrent",
+            type=click.IntRange(0, 64),
+            help="Most backfill requests in flight at once, per worker process. 0: no separate limit.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -359,6 +370,12 @@ def _tenant_values(ctx: Context, fhir_base: str | None, **opts: Any) -> dict[str
     for option, column in simple.items():
         if opts.get(option) is not None:
             values[column] = opts[option]
+    for option, column in (
+        ("backfill_rps", "backfill_requests_per_second"),
+        ("backfill_concurrent", "backfill_max_concurrent"),
+    ):
+        if opts.get(option) is not None:
+            values[column] = opts[option] or None  # 0 removes the backfill limit
     # Quirks are merged into what the EHR has (see `ehr update`); None removes one.
     quirks: dict[str, Any] = {}
     if opts.get("put_types") is not None:
@@ -474,6 +491,11 @@ def ehr_list(ctx: Context) -> None:
     for t in tenants:
         quirks = json.dumps(t.quirks, separators=(",", ":")) if t.quirks else "-"
         limits = f"{t.max_requests_per_second or '-'} rps, {t.max_concurrent_requests} at once"
+        if t.backfill_requests_per_second or t.backfill_max_concurrent:
+            limits += (
+                f"; backfill {t.backfill_requests_per_second or '-'} rps, "
+                f"{t.backfill_max_concurrent or '-'} at once"
+            )
         click.echo(
             f"{t.id}  [{t.status}]  {t.name}\n"
             f"    FHIR base     {t.fhir_base_url}\n"

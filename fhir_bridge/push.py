@@ -262,16 +262,32 @@ def submit(
     idempotency_key: str | None,
     work: Callable[[Session, uuid.UUID, datetime], Work],
     now: datetime | None = None,
+    priority: int = 0,
 ) -> Outcome:
     """Run ``work`` and record its submission, records and outbox items in one transaction.
+
+    ``priority`` goes on every outbox item: 0 live, 1 backfill (delivered after live items).
 
     Retries once when a concurrent push inserted one of the same record ids (or the same key) after
     we looked: the second run sees those records as duplicates (or replays the key).
     """
+
+    def once() -> Outcome:
+        return _submit_once(
+            db,
+            vendor=vendor,
+            kind=kind,
+            body=body,
+            key=idempotency_key,
+            work=work,
+            now=now,
+            priority=priority,
+        )
+
     try:
-        return _submit_once(db, vendor=vendor, kind=kind, body=body, key=idempotency_key, work=work, now=now)
+        return once()
     except IntegrityError:
-        return _submit_once(db, vendor=vendor, kind=kind, body=body, key=idempotency_key, work=work, now=now)
+        return once()
 
 
 def _submit_once(
@@ -283,6 +299,7 @@ def _submit_once(
     key: str | None,
     work: Callable[[Session, uuid.UUID, datetime], Work],
     now: datetime | None,
+    priority: int = 0,
 ) -> Outcome:
     now = now or datetime.now(UTC)
     body_hash = request_hash(body)
@@ -319,6 +336,7 @@ def _submit_once(
             prepared=done.prepared,
             now=now,
             group_key=done.group_key,
+            priority=priority,
         )
         return Outcome(done.status, response_body, headers=done.extra_headers)
 
@@ -332,8 +350,9 @@ def push(
     body: bytes,
     idempotency_key: str | None,
     now: datetime | None = None,
+    backfill: bool = False,
 ) -> Outcome:
-    """Process one native batch; see the module docstring."""
+    """Process one native batch; see the module docstring. ``backfill``: history, after live data."""
 
     def work(session: Session, submission_id: uuid.UUID, now: datetime) -> Work:
         results, prepared = _evaluate(session, mapper, vendor=vendor, records=records, now=now)
@@ -347,7 +366,14 @@ def push(
         return Work(200, response, counts, prepared)
 
     return submit(
-        db, vendor=vendor, kind="native", body=body, idempotency_key=idempotency_key, work=work, now=now
+        db,
+        vendor=vendor,
+        kind="native",
+        body=body,
+        idempotency_key=idempotency_key,
+        work=work,
+        now=now,
+        priority=1 if backfill else 0,
     )
 
 
@@ -413,6 +439,7 @@ def write_accepted(
     prepared: Sequence[Prepared],
     now: datetime,
     group_key: str | None = None,
+    priority: int = 0,
 ) -> None:
     """Insert the records and their outbox items (executemany: one round trip per table)."""
     if not prepared:
@@ -447,7 +474,7 @@ def write_accepted(
                 "ident_system": res.identifier_system,
                 "ident_value": res.identifier_value,
                 "body": orjson.dumps(res.resource),
-                "priority": 0,
+                "priority": priority,
                 "status": "pending",
                 "attempts": 0,
                 "next_attempt_at": now,

@@ -245,6 +245,12 @@ SPECS: tuple[Spec, ...] = (
     ),
     Spec("WORKER_BATCH_SIZE", 100, _int_between(1, 5000), "Outbox items one worker claims at once."),
     Spec(
+        "WORKER_BACKFILL_BATCH_SIZE",
+        500,
+        _int_between(1, 5000),
+        "Outbox items of backfill (pushed with `mode=backfill`) claimed at once: one large transaction.",
+    ),
+    Spec(
         "WORKER_POLL_SECONDS",
         1.0,
         _float_between(0.05, 60.0),
@@ -359,6 +365,7 @@ class Settings:
     allow_insecure_loopback: bool
     worker_embedded: bool
     worker_batch_size: int
+    worker_backfill_batch_size: int
     worker_poll_seconds: float
     worker_max_attempts: int
     worker_lease_seconds: int

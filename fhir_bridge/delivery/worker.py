@@ -50,6 +50,7 @@ def worker_name() -> str:
 @dataclass(frozen=True)
 class Policy:
     batch_size: int
+    backfill_batch_size: int
     lease_seconds: float
     poll_seconds: float
     max_attempts: int
@@ -61,6 +62,7 @@ class Policy:
         s = services.settings
         return cls(
             batch_size=s.worker_batch_size,
+            backfill_batch_size=s.worker_backfill_batch_size,
             lease_seconds=float(s.worker_lease_seconds),
             poll_seconds=s.worker_poll_seconds,
             max_attempts=s.worker_max_attempts,
@@ -99,13 +101,25 @@ class Worker:
         tenants = self.directory.deliverable()
         if not tenants:
             return 0
+        # Live data first, always: backfill is claimed only when no live item is due (in large
+        # batches; its tenant's backfill rate limit applies when it is written).
         claim = outbox.claim(
             self.db,
             worker=f"{self.name}/{loop}",
             limit=self.policy.batch_size,
             lease_seconds=self.policy.lease_seconds,
             tenants=tenants,
+            backfill=False,
         )
+        if not claim.items:
+            claim = outbox.claim(
+                self.db,
+                worker=f"{self.name}/{loop}",
+                limit=self.policy.backfill_batch_size,
+                lease_seconds=self.policy.lease_seconds,
+                tenants=tenants,
+                backfill=True,
+            )
         if not claim.items:
             return 0
         for tenant_id, items in claim.by_tenant().items():
@@ -136,9 +150,11 @@ class Worker:
             for (tenant, resource_type, system, value), ehr_id in claim.delivered.items()
             if tenant == tenant_id
         }
+        backfill = all(item.priority >= 1 for item in items)
+        client = runtime.backfill_client if backfill and runtime.backfill_client else runtime.client
         writer = make_writer(
             runtime.strategy,
-            runtime.client,
+            client,
             put_types=runtime.put_types,
             device_ids=runtime.device_ids,
             guard=keep_lease,

@@ -66,6 +66,10 @@ class FaultProxy:
         self.forwarded = 0
         self.injected = 0
         self.statuses: Counter[int] = Counter()  # statuses the upstream answered with
+        # Every request seen: (arrival, method, path, body), and how many were in flight at most.
+        self.requests: list[tuple[float, str, str, bytes]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -77,6 +81,17 @@ class FaultProxy:
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                with proxy._lock:
+                    proxy.requests.append((time.monotonic(), self.command, self.path, body))
+                    proxy.in_flight += 1
+                    proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
+                try:
+                    self._answer(body)
+                finally:
+                    with proxy._lock:
+                        proxy.in_flight -= 1
+
+            def _answer(self, body: bytes) -> None:
                 fault = proxy._next_fault()
                 if isinstance(fault, Respond):
                     proxy._count("injected")

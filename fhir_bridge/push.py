@@ -16,6 +16,7 @@ on the key; SQLite serialises writers, so the second simply waits and then repla
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -71,6 +72,38 @@ class RecordSchema(Schema):
 
 
 _RECORD_SCHEMA = RecordSchema()
+_ENVELOPE_KEYS = frozenset({"record_id", "app_user_id", "measure", "data"})
+_RECORD_ID_FULL = re.compile(rf"(?:{RECORD_ID})\Z")
+_APP_USER_ID_FULL = re.compile(rf"(?:{APP_USER_ID.pattern})\Z")
+
+
+def load_envelope(raw: dict[str, Any]) -> dict[str, Any]:
+    """The envelope as :class:`RecordSchema` loads it, without marshmallow for the valid case.
+
+    Per record only the four values are checked (the same rules as the schema); anything that does
+    not pass goes through the schema itself, so error messages stay exactly the schema's. Profiling
+    the push path showed the envelope schema at a fifth of its CPU.
+    """
+    if raw.keys() == _ENVELOPE_KEYS:
+        record_id, app_user_id = raw["record_id"], raw["app_user_id"]
+        measure, data = raw["measure"], raw["data"]
+        if (
+            type(record_id) is str
+            and type(app_user_id) is str
+            and type(measure) is str
+            and type(data) is dict
+            and 1 <= len(measure) <= 100
+            and _RECORD_ID_FULL.match(record_id)
+            and _APP_USER_ID_FULL.match(app_user_id)
+        ):
+            return {
+                "record_id": record_id,
+                "app_user_id": app_user_id,
+                "measure": measure,
+                "data": dict(data),
+            }
+    loaded: dict[str, Any] = _RECORD_SCHEMA.load(raw)
+    return loaded
 
 
 @dataclass
@@ -393,7 +426,7 @@ def _evaluate(
             )
             continue
         try:
-            valid.append((result, _RECORD_SCHEMA.load(raw)))
+            valid.append((result, load_envelope(raw)))
         except ValidationError as exc:
             result.errors = _marshmallow_problems(exc.messages)
 

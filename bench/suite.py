@@ -582,6 +582,7 @@ def run_scaleout(quick: bool) -> list[Figure]:
                 finally:
                     for w in workers:
                         w.terminate()
+        failed = _failed_attempts(services.db)
         services.db.dispose()
         shutil.rmtree(workdir, ignore_errors=True)
     return [
@@ -594,9 +595,30 @@ def run_scaleout(quick: bool) -> list[Figure]:
             "1 worker process, same run",
             [Condition("ratio", ">=", 1.7)],
             f"{records} records per rep, {reps} reps alternating, PostgreSQL, one sekmet process "
-            "(single-process FHIR server on the same 2 cores)",
+            f"(single-process FHIR server on the same 2 cores); failed attempts retried: {failed}",
         )
     ]
+
+
+def _failed_attempts(db: Any) -> str:
+    """Delivery attempts that did not succeed, by status/error (contention shows up here)."""
+    from sqlalchemy import func, select
+
+    from fhir_bridge.storage.models import DeliveryAttempt
+
+    with db.sessions() as session:
+        rows = session.execute(
+            select(DeliveryAttempt.http_status, func.count())
+            .where(or_not_ok(DeliveryAttempt))
+            .group_by(DeliveryAttempt.http_status)
+        ).all()
+    return ", ".join(f"{status or 'no answer'}: {count}" for status, count in rows) or "none"
+
+
+def or_not_ok(table: Any) -> Any:
+    from sqlalchemy import or_
+
+    return or_(table.error.is_not(None), table.http_status.is_(None), table.http_status >= 300)
 
 
 # -- the rules engine's row, when that branch is merged -------------------------------------------

@@ -144,6 +144,7 @@ def main(argv: list[str]) -> int:
 
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
+            token_at = time.time()
             n = 0
             phase = "normal"
             killed = restarted = False
@@ -171,6 +172,9 @@ def main(argv: list[str]) -> int:
                 pause = due - time.time()
                 if pause > 0:
                     time.sleep(pause)
+                if time.time() - token_at > 200:  # vendor tokens live 300 s
+                    bp.vendor_token(server, session)
+                    token_at = time.time()
                 batch = bp.records(f"soak-{n}", per_batch)
                 t0 = time.perf_counter()
                 try:
@@ -234,7 +238,8 @@ def main(argv: list[str]) -> int:
             judged = {k: v for k, v in growth.items() if k != "worker1"}
             flat = all(v <= 25.0 for v in judged.values())
             ok = (
-                not left
+                not errors
+                and not left
                 and not missing
                 and not duplicates
                 and not unexpected

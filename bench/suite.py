@@ -36,6 +36,7 @@ from typing import Any
 import orjson
 import requests
 
+from bench.bench_push import cpu_seconds
 from bench.results import Condition, Figure, fmt, table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -555,6 +556,7 @@ def run_scaleout(quick: bool) -> list[Figure]:
     records, reps = (400, 1) if quick else (2000, 3)
     one: list[float] = []
     two: list[float] = []
+    busy: dict[int, list[tuple[float, float]]] = {}  # cores busy: (our workers, the FHIR server)
     with sekmet() as ehr, postgres() as pg_url:
         if pg_url is None:
             return [Figure("scale_out", "scale-out, 2 workers vs 1 (PostgreSQL not installed)", "x", [])]
@@ -576,9 +578,14 @@ def run_scaleout(quick: bool) -> list[Figure]:
                         w.wait_ready(timeout=60)
                     wait_drained(services.db, "scale", timeout=300)
                     items = len(seed(services.db, "scale", patient=f"s{rep}-{count}", records=records).items)
+                    pids = [w.proc.pid for w in workers if w.proc]
+                    cpu0 = sum(cpu_seconds(pid) for pid in pids), cpu_seconds(ehr.proc.pid)
                     started = time.perf_counter()
                     wait_drained(services.db, "scale", timeout=600)
-                    out.append(items / (time.perf_counter() - started))
+                    elapsed = time.perf_counter() - started
+                    out.append(items / elapsed)
+                    cpu = sum(cpu_seconds(pid) for pid in pids) - cpu0[0], cpu_seconds(ehr.proc.pid) - cpu0[1]
+                    busy.setdefault(count, []).append((cpu[0] / elapsed, cpu[1] / elapsed))
                 finally:
                     for w in workers:
                         w.terminate()
@@ -595,7 +602,12 @@ def run_scaleout(quick: bool) -> list[Figure]:
             "1 worker process, same run",
             [Condition("ratio", ">=", 1.7)],
             f"{records} records per rep, {reps} reps alternating, PostgreSQL, one sekmet process "
-            f"(single-process FHIR server on the same 2 cores); failed attempts retried: {failed}",
+            f"(single-process FHIR server on the same 2 cores); failed attempts retried: {failed}; "
+            + "; ".join(
+                f"{n} worker(s): workers {statistics.median(w for w, _ in b):.2f} cores busy, "
+                f"FHIR server {statistics.median(e for _, e in b):.2f}"
+                for n, b in sorted(busy.items())
+            ),
         )
     ]
 

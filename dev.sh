@@ -64,7 +64,7 @@ cmd_test() {
 
 cmd_demo() {
   ensure_venv
-  exec "$VENV/bin/fhir-bridge" serve "$@"
+  exec "$VENV/bin/fhir-bridge" demo "$@"
 }
 
 cmd_bench() {

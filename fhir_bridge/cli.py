@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from datetime import timedelta
 from functools import update_wrapper
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -396,12 +397,6 @@ def _merge_quirks(current: dict[str, Any] | None, changes: dict[str, Any]) -> di
     return {key: value for key, value in merged.items() if value is not None}
 
 
-DEFAULT_BACKEND_SCOPES = (
-    "system/Observation.c system/QuestionnaireResponse.c system/Device.c system/Provenance.c "
-    "system/Observation.rs system/Device.rs"
-)
-
-
 @ehr.command("add")
 @click.argument("tenant_id")
 @click.option("--fhir-base", required=True, help="The EHR's FHIR base URL (https).")
@@ -413,13 +408,13 @@ def ehr_add(ctx: Context, tenant_id: str, fhir_base: str, **opts: Any) -> None:
 
     from sqlalchemy import select
 
-    from fhir_bridge.storage.models import Tenant
+    from fhir_bridge.storage.models import DEFAULT_BACKEND_SCOPES, Tenant
 
     if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", tenant_id):
         raise click.BadParameter("use 1-64 lower-case letters, digits, '-' or '_'", param_hint="TENANT_ID")
     values = _tenant_values(ctx, fhir_base, **opts)
     values.setdefault("name", tenant_id)
-    values.setdefault("backend_scopes", DEFAULT_BACKEND_SCOPES)
+    values.setdefault("backend_scopes", DEFAULT_BACKEND_SCOPES)  # the model's default, spelt out
     database = _database(ctx)
     try:
         with database.transaction() as session:
@@ -1028,8 +1023,17 @@ def sandbox() -> None:
 @click.option("--public-url", help="URL apps reach the sandbox at (default: http://HOST:PORT).")
 @click.option(
     "--bridge-url",
-    help="Register the fhir-bridge at this URL: its SMART app (launch URL, /callback) and its "
+    help="Register the fhir-bridge at this URL: its SMART app (launch URL, /callback/TENANT) and its "
     "backend-services client (JWKS at /.well-known/jwks.json).",
+)
+@click.option(
+    "--bridge-tenant",
+    "bridge_tenants",
+    multiple=True,
+    default=["sandbox"],
+    show_default=True,
+    help="The tenant id the bridge knows this sandbox by (repeat for several): its redirect URI is "
+    "BRIDGE_URL/callback/TENANT.",
 )
 @click.option(
     "--clients",
@@ -1046,6 +1050,7 @@ def sandbox_serve(
     data_dir: str,
     public_url: str | None,
     bridge_url: str | None,
+    bridge_tenants: tuple[str, ...],
     clients_file: str | None,
     no_seed: bool,
 ) -> None:
@@ -1067,6 +1072,7 @@ def sandbox_serve(
             config,
             clients_file=clients,
             bridge_url=bridge_url,
+            bridge_tenants=bridge_tenants,
             log_level="WARNING",
             log_format=ctx.settings.log_format,
         )
@@ -1088,9 +1094,52 @@ def sandbox_serve(
         port=port,
         clients_file=clients,
         bridge_url=bridge_url,
+        bridge_tenants=bridge_tenants,
         log_level=ctx.settings.log_level,
         log_format=ctx.settings.log_format,
     )
+
+
+# -- demo (development and demo only) ----------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65534),
+    default=9090,
+    show_default=True,
+    help="Port of the sandbox EHR (the URL to open); the bridge uses PORT + 1. 0: any free ports.",
+)
+@click.option(
+    "--patients",
+    type=click.IntRange(1, 6),
+    default=5,
+    show_default=True,
+    help="Sandbox patients who use the synthetic app (patient n has story n mod 5).",
+)
+@click.option(
+    "--days",
+    type=click.IntRange(1, 3650),
+    default=120,
+    show_default=True,
+    help="Days of app data per patient, ending now (the stories need 70 or more to show their alerts).",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Keep the demo's databases, keys and logs here (reused on the next run). Default: a temporary "
+    "folder, removed when the demo stops.",
+)
+def demo(port: int, patients: int, days: int, data_dir: Path | None) -> None:
+    """The whole virtual clinic on this machine: sandbox EHR, fhir-bridge, its worker and a synthetic app.
+
+    Prints the one URL to open (the sandbox EHR's chart) once the app's data is in the EHR; Ctrl-C
+    stops everything. Development and demos only: synthetic data, no passwords.
+    """
+    from fhir_bridge.sandbox.demo import DemoConfig, run_demo
+
+    sys.exit(run_demo(DemoConfig(port=port, patients=patients, days=days, data_dir=data_dir)))
 
 
 def main(argv: list[str] | None = None) -> None:

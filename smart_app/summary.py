@@ -39,7 +39,12 @@ MEASURES: tuple[Measure, ...] = (
     Measure("phq9_item9", "PHQ-9 item 9", "score", ((LOINC, "44260-8"),)),
     Measure("gad7", "GAD-7 total", "score", ((LOINC, "70274-6"),)),
     Measure("dwai_total", "D-WAI total", "score", ((OUR_CODES, "dwai-total"),)),
-    *(Measure(f"dwai_item{n}", f"D-WAI item {n}", "score", ((OUR_CODES, f"dwai-{n}"),)) for n in range(1, 7)),
+    # The themes the dwai mapping derives as Observations (the items themselves live only in the
+    # QuestionnaireResponse): what the clinician reads as bond, tasks and goals.
+    *(
+        Measure(f"dwai_{theme}", f"D-WAI {label}", "score", ((OUR_CODES, f"dwai-{theme}"),))
+        for theme, label in (("bond", "bond"), ("task", "tasks"), ("goal", "goals"))
+    ),
     Measure("steps", "Steps per day", "steps", ((LOINC, "41950-7"),)),
     Measure("sleep", "Sleep", "h", ((LOINC, "93832-4"),)),
     Measure("mood", "Mood", "score", ((OUR_CODES, "mood-rating"),)),

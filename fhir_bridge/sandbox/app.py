@@ -7,8 +7,10 @@ own SQLite file created with ``create_all`` (no migrations). See the package doc
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from flask import Flask, Response, g
 
@@ -27,17 +29,24 @@ log = logging.getLogger("fhir_bridge.sandbox")
 MAX_BODY_BYTES = 50 * 1024 * 1024
 
 
-def bridge_clients(bridge_url: str) -> list[dict[str, Any]]:
-    """The registrations of a fhir-bridge at ``bridge_url``: its SMART app and its backend-services writer."""
+def bridge_clients(bridge_url: str, tenants: Sequence[str] = ("sandbox",)) -> list[dict[str, Any]]:
+    """The registrations of a fhir-bridge at ``bridge_url``: its SMART app and its backend-services writer.
+
+    The bridge's redirect URI is ``<PUBLIC_URL>/callback/<tenant id>`` (one per tenant, so a callback
+    names the EHR it belongs to), hence one registered URI per tenant id this sandbox is known by.
+    The standalone launch link names the first of them.
+    """
     base = bridge_url.rstrip("/")
+    if not tenants:
+        raise BridgeError("the bridge needs at least one tenant id to register its redirect URI")
     return [
         {
             "client_id": "fhir-bridge",
             "name": "fhir-bridge",
             "auth_method": "public",
-            "redirect_uris": [f"{base}/callback"],
+            "redirect_uris": [f"{base}/callback/{quote(t, safe='')}" for t in tenants],
             "launch_url": f"{base}/launch",
-            "standalone_url": f"{base}/launch/standalone",
+            "standalone_url": f"{base}/launch/standalone?tenant={quote(tenants[0], safe='')}",
         },
         {
             "client_id": "fhir-bridge-backend",
@@ -54,6 +63,7 @@ def create_sandbox_app(
     *,
     clients_file: Path | None = None,
     bridge_url: str | None = None,
+    bridge_tenants: Sequence[str] = ("sandbox",),
     log_level: str = "INFO",
     log_format: str = "json",
 ) -> Flask:
@@ -99,7 +109,9 @@ def create_sandbox_app(
         if config.seed and seed.is_empty(session):
             count = seed.seed(session, sandbox.store)
             log.info("sandbox seeded with demo data", extra={"count": count})
-        registrations = [("--bridge-url", r) for r in (bridge_clients(bridge_url) if bridge_url else [])]
+        registrations = [
+            ("--bridge-url", r) for r in (bridge_clients(bridge_url, bridge_tenants) if bridge_url else [])
+        ]
         if clients_file is not None:
             registrations += [(str(clients_file), r) for r in clients.read_file(clients_file)]
         for source, registration in registrations:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,9 @@ def run_sandbox(
     port: int,
     clients_file: Path | None,
     bridge_url: str | None,
-    log_level: str,
-    log_format: str,
+    bridge_tenants: Sequence[str] = ("sandbox",),
+    log_level: str = "INFO",
+    log_format: str = "json",
 ) -> None:
     """One process (the database is one SQLite file), several threads; stops cleanly on SIGINT/SIGTERM."""
     options = {
@@ -56,6 +58,7 @@ def run_sandbox(
             "config": config,
             "clients_file": clients_file,
             "bridge_url": bridge_url,
+            "bridge_tenants": tuple(bridge_tenants),
             "log_level": log_level,
             "log_format": log_format,
         },

@@ -79,6 +79,18 @@ class Base(DeclarativeBase):
     }
 
 
+# What the backend-services writer asks an EHR for: every type delivery writes (the records' resources,
+# the app's Device, each batch's Provenance, alerts as Flag and follow-up Task (issue 8), Consent, Goal,
+# Communication and Task of the two-way relationship (issue 10)), `u` and `s` for the upserts
+# (conditional update by identifier), and reads/searches of the Devices and Observations it resolves.
+# A tenant row made without scopes gets this; `ehr add --scopes` narrows it.
+DEFAULT_BACKEND_SCOPES = (
+    "system/Observation.cu system/QuestionnaireResponse.cu system/Device.cu system/Provenance.c "
+    "system/Flag.cus system/Task.cus system/Consent.cus system/Goal.cus system/Communication.cus "
+    "system/Observation.rs system/Device.rs"
+)
+
+
 class Tenant(Base):
     """An EHR this service reads from (SMART app) and writes to (backend services)."""
 
@@ -101,9 +113,7 @@ class Tenant(Base):
     jwks_uri: Mapped[str | None] = mapped_column(String(2048))
     # SMART Backend Services registration (the writer).
     backend_client_id: Mapped[str | None] = mapped_column(String(255))
-    backend_scopes: Mapped[str] = mapped_column(
-        Text, default="system/Observation.c system/QuestionnaireResponse.c"
-    )
+    backend_scopes: Mapped[str] = mapped_column(Text, default=DEFAULT_BACKEND_SCOPES)
     write_strategy: Mapped[str] = mapped_column(String(16), default="transaction")
     max_requests_per_second: Mapped[float | None] = mapped_column(Float)
     max_concurrent_requests: Mapped[int] = mapped_column(Integer, default=4)

@@ -110,10 +110,11 @@
       title: "D-WAI total, 6–30", unit: "score", series: [series("dwai_total", "D-WAI total", "dwai")], yMin: 6, yMax: 30, ...r,
       empty: "No alliance (D-WAI) answers yet.",
     });
-    const items = [1, 2, 3, 4, 5, 6].map((n) => series(`dwai_item${n}`, `Item ${n}`, `item item-${n}`));
-    FBCharts.lineChart(document.getElementById("chart-dwai-items"), {
-      title: "D-WAI items, 1–5", unit: "score", series: items, yMin: 1, yMax: 5, ...r, height: 160,
-      empty: "No item-level alliance answers yet.",
+    const themes = [["bond", "Bond", 1], ["task", "Tasks", 2], ["goal", "Goals", 3]].map(
+      ([key, label, n]) => series(`dwai_${key}`, label, `item item-${n}`));
+    FBCharts.lineChart(document.getElementById("chart-dwai-themes"), {
+      title: "D-WAI bond, tasks and goals, 2–10", unit: "score", series: themes, yMin: 2, yMax: 10, ...r, height: 160,
+      empty: "No alliance (D-WAI) answers yet.",
     });
   }
 

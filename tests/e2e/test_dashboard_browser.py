@@ -81,7 +81,7 @@ def test_dashboard_shows_the_launched_patients_data(
         ).count()
         >= 1
     )
-    for chart in ("#chart-gad7", "#chart-dwai", "#chart-dwai-items", "#chart-sleep", "#chart-steps"):
+    for chart in ("#chart-gad7", "#chart-dwai", "#chart-dwai-themes", "#chart-sleep", "#chart-steps"):
         assert page.locator(f"{chart} svg.chart-svg").count() == 1, chart
     assert (
         page.locator("#calendar rect.day.use-1, #calendar rect.day.use-2, #calendar rect.day.use-3").count()

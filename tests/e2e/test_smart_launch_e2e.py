@@ -313,7 +313,14 @@ def test_ehr_launch_from_the_chart_opens_the_dashboard_on_that_patient(clinic: d
         baseline, latest = clinic["phq9"][0][1], clinic["phq9"][-1][1]
         summary = frame.inner_text("#phq9-summary")
         assert f"Latest PHQ-9 {latest}" in summary and f"since baseline {baseline}" in summary
-        for chart in ("#chart-phq9", "#chart-gad7", "#chart-dwai", "#chart-sleep", "#chart-steps"):
+        for chart in (
+            "#chart-phq9",
+            "#chart-gad7",
+            "#chart-dwai",
+            "#chart-dwai-themes",
+            "#chart-sleep",
+            "#chart-steps",
+        ):
             assert frame.locator(f"{chart} svg.chart-svg").count() == 1, chart
         screenshot(page, "ehr-launch-chart.png")
         assert frame.locator(".notice").count() == 0, frame.inner_text("#notices")  # every panel loaded

@@ -169,6 +169,17 @@ def test_launch_refusals_over_http(sandbox_server: SandboxServer, app_id: str) -
     assert exchange(config, app_id, code, verifier).status_code == 200
     assert exchange(config, app_id, code, verifier).json()["error"] == "invalid_grant"  # reused
 
+    # PKCE at the token endpoint: a code issued with a challenge is worthless without its verifier,
+    # and the redirect URI must be the one the code was issued for (RFC 6749 4.1.3).
+    params = launch_params(app_id, chart_launch(sandbox_server, app_id), challenge)
+    code = redirect_params(authorize(config, **params).headers["Location"])["code"]
+    form = {"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT, "client_id": app_id}
+    no_verifier = requests.post(config["token_endpoint"], data=form, timeout=10)
+    assert no_verifier.status_code == 400 and no_verifier.json()["error"] == "invalid_request"
+    other_redirect = {**form, "redirect_uri": REDIRECT + "x", "code_verifier": verifier}
+    moved = requests.post(config["token_endpoint"], data=other_redirect, timeout=10)
+    assert moved.status_code == 400 and moved.json()["error"] == "invalid_grant"
+
     # An expired code, made so on demand (a running server's clock cannot be moved by the test).
     assert sandbox_server.admin("PUT", f"/clients/{app_id}/faults", {"code_expired": True}).status_code == 200
     params = launch_params(app_id, chart_launch(sandbox_server, app_id), challenge)

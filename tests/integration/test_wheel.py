@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.postgres import PostgresServer
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -32,7 +34,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env_dir = work / "venv"
     venv.create(env_dir, with_pip=True)
     subprocess.run(
-        [str(env_dir / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)],
+        # The postgres extra too: the wheel must declare what `db upgrade` on PostgreSQL needs.
+        [str(env_dir / "bin" / "python"), "-m", "pip", "install", "-q", f"{wheel}[postgres]"],
         check=True,
         timeout=900,
         env=_clean_env(),
@@ -41,11 +44,13 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return env_dir
 
 
-def _run(env_dir: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def _run(
+    env_dir: Path, *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(env_dir / "bin" / "fhir-bridge"), *args],
         cwd=cwd,
-        env=_clean_env(),
+        env={**_clean_env(), **(env or {})},
         capture_output=True,
         text=True,
         timeout=120,
@@ -65,6 +70,22 @@ def test_migrations_ship_in_the_wheel(installed: Path, tmp_path: Path) -> None:
     assert (tmp_path / "instance" / "fhir-bridge.db").exists()
     # The package must come from the venv, not from this checkout.
     assert not (tmp_path / "fhir_bridge").exists()
+
+
+@pytest.mark.postgres
+def test_the_installed_wheel_migrates_postgresql(
+    installed: Path, tmp_path: Path, pg_server: PostgresServer
+) -> None:
+    """`db upgrade` from the wheel on PostgreSQL (psycopg 3 from the extra), twice: it is idempotent."""
+    env = {"FHIR_BRIDGE_DATABASE_URL": pg_server.create_database()}
+    first = _run(installed, "db", "upgrade", cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stderr
+    again = _run(installed, "db", "upgrade", cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stderr
+    current = _run(installed, "db", "current", cwd=tmp_path, env=env)
+    assert current.returncode == 0, current.stderr
+    assert "up to date" in current.stdout, current.stdout
+    assert not (tmp_path / "instance" / "fhir-bridge.db").exists()
 
 
 def test_a_mapping_runs_from_the_installed_wheel(installed: Path, tmp_path: Path) -> None:

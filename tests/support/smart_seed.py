@@ -110,8 +110,9 @@ def patient_history(
             )
             items = [min(5, max(1, round(2 + 2.5 * progress + rng.gauss(0, 0.5)))) for _ in range(6)]
             out.append(_obs(patient, (OURS, "dwai-total"), when, sum(items), "{score}"))
-            for n, value in enumerate(items, start=1):
-                out.append(_obs(patient, (OURS, f"dwai-{n}"), when, value, "{score}"))
+            # The theme sub-totals the dwai mapping derives (items 1+4 goal, 2+5 task, 3+6 bond).
+            for theme, (a, b) in (("goal", (0, 3)), ("task", (1, 4)), ("bond", (2, 5))):
+                out.append(_obs(patient, (OURS, f"dwai-{theme}"), when, items[a] + items[b], "{score}"))
         day += 1
     return out[:count]
 

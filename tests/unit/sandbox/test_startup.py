@@ -11,6 +11,9 @@ import pytest
 
 from fhir_bridge.errors import BridgeError
 from fhir_bridge.sandbox import SandboxConfig, create_sandbox_app
+from fhir_bridge.sandbox.app import bridge_clients
+from fhir_bridge.sandbox.scopes import narrow, split
+from fhir_bridge.storage.models import DEFAULT_BACKEND_SCOPES
 from tests.unit.sandbox.conftest import BASE, sandbox_of
 
 
@@ -31,7 +34,9 @@ def test_restart_keeps_data_and_bridge_url_registers_the_bridge(
     by_id = {c["client_id"]: c for c in listed}
     assert set(by_id) == {"extra", "fhir-bridge", "fhir-bridge-backend"}
     assert by_id["fhir-bridge"]["launch_url"] == "http://127.0.0.1:8080/launch"
-    assert by_id["fhir-bridge"]["redirect_uris"] == ["http://127.0.0.1:8080/callback"]
+    # The bridge's redirect URI names the tenant: <PUBLIC_URL>/callback/<tenant id>.
+    assert by_id["fhir-bridge"]["redirect_uris"] == ["http://127.0.0.1:8080/callback/sandbox"]
+    assert by_id["fhir-bridge"]["standalone_url"] == "http://127.0.0.1:8080/launch/standalone?tenant=sandbox"
     assert by_id["fhir-bridge-backend"]["jwks_url"] == "http://127.0.0.1:8080/.well-known/jwks.json"
     sandbox_of(app).db.dispose()
 
@@ -81,3 +86,35 @@ def test_sandbox_serve_reports_a_bad_clients_file_in_one_line(tmp_path: Path) ->
     )
     assert result.exit_code == 1
     assert "expected a JSON list of objects, each with a client_id" in result.output
+
+
+def test_the_bridge_is_registered_with_one_redirect_uri_per_tenant_id() -> None:
+    app, _ = bridge_clients("https://bridge.example/", ["ehr-a", "ehr-b"])
+    assert app["redirect_uris"] == [
+        "https://bridge.example/callback/ehr-a",
+        "https://bridge.example/callback/ehr-b",
+    ]
+    assert app["standalone_url"] == "https://bridge.example/launch/standalone?tenant=ehr-a"
+    with pytest.raises(BridgeError, match="tenant id"):
+        bridge_clients("https://bridge.example", [])
+
+
+def test_the_sandbox_grants_the_backend_writer_every_scope_a_tenant_asks_for_by_default() -> None:
+    """Delivery writes Device, Provenance, Flag, Task, Consent, Goal, Communication and the records."""
+    _, backend = bridge_clients("https://bridge.example")
+    requested = split(DEFAULT_BACKEND_SCOPES)
+    for resource_type in (
+        "Observation",
+        "QuestionnaireResponse",
+        "Device",
+        "Provenance",
+        "Flag",
+        "Task",
+        "Consent",
+        "Goal",
+        "Communication",
+    ):
+        assert f"system/{resource_type}.c" in requested or any(
+            s.startswith(f"system/{resource_type}.c") for s in requested
+        ), resource_type
+    assert narrow(requested, backend["scopes"], levels=["system"]) == requested

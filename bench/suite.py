@@ -248,7 +248,7 @@ def load(
 def run_push_single(quick: bool) -> list[Figure]:
     from bench import bench_push as bp
 
-    reps, count, threads = (2, 400, 4) if quick else (3, 3000, 8)
+    reps, count, threads = (1, 300, 4) if quick else (3, 3000, 8)
     rates, p99s, floor_rates, floor_p99s = [], [], [], []
     with postgres() if not quick else _none() as pg_url:
         workdir = Path(tempfile.mkdtemp(prefix="bench-single-"))
@@ -334,7 +334,7 @@ def run_latency(quick: bool) -> list[Figure]:
     from tests.support.smart_seed import put_patient
     from tests.support.worker_proc import WorkerProcess
 
-    reps, seconds, rate, per_batch = (1, 6, 500, 25) if quick else (3, 20, 500, 25)
+    reps, seconds, rate, per_batch = (1, 5, 500, 25) if quick else (3, 20, 500, 25)
     p95s: list[float] = []
     achieved: list[float] = []
     with sekmet() as ehr, postgres() if not quick else _none() as pg_url:
@@ -456,8 +456,8 @@ def run_memory(quick: bool) -> list[Figure]:
     from tests.support.outbox_seed import add_tenant, seed
     from tests.support.worker_proc import WorkerProcess
 
-    backlog = 20_000 if quick else 1_000_000
-    sample_seconds = 5 if quick else 20
+    backlog = 5_000 if quick else 1_000_000
+    sample_seconds = 3 if quick else 20
     figures: list[Figure] = []
     with sekmet() as ehr, postgres() as pg_url:
         workdir = Path(tempfile.mkdtemp(prefix="bench-memory-"))

@@ -80,6 +80,12 @@ def build_app(tmp: Path, fhir_base: str, port: int) -> Any:
 
 def browser_times(url: str, handle: str, runs: int) -> tuple[float, float, float]:
     """Medians in ms: data -> interactive, navigation -> interactive, redraw of "All" (every point)."""
+    data_to_ready, nav_to_ready, redraw_all = browser_samples(url, handle, runs)
+    return statistics.median(data_to_ready), statistics.median(nav_to_ready), statistics.median(redraw_all)
+
+
+def browser_samples(url: str, handle: str, runs: int) -> tuple[list[float], list[float], list[float]]:
+    """Every run's ms: data -> interactive, navigation -> interactive, redraw of "All" (every point)."""
     from playwright.sync_api import sync_playwright
 
     data_to_ready: list[float] = []
@@ -125,24 +131,20 @@ def browser_times(url: str, handle: str, runs: int) -> tuple[float, float, float
                 )
             )
         context.close()
-    return statistics.median(data_to_ready), statistics.median(nav_to_ready), statistics.median(redraw_all)
+    return data_to_ready, nav_to_ready, redraw_all
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench dashboard")
-    parser.add_argument("--observations", type=int, default=10_000)
-    parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--no-browser", action="store_true")
-    args = parser.parse_args(argv)
-
+def measure(observations: int, runs: int, browser: bool) -> dict[str, Any]:
+    """Every run's figures (ms): ``server`` and ``floor`` for the summary, ``tti`` etc. for the browser."""
+    out: dict[str, Any] = {"server": [], "floor": [], "points": 0}
     sekmet = SekmetServer()
     sekmet.start()
     try:
         started = time.perf_counter()
         put_patient(sekmet.base_url, PATIENT)
-        load_into(sekmet.base_url, patient_history(PATIENT, count=args.observations))
+        load_into(sekmet.base_url, patient_history(PATIENT, count=observations))
         load_into(sekmet.base_url, patient_history("bench-other", count=50, seed=3))
-        print(f"seeded {args.observations} Observations in {time.perf_counter() - started:.1f} s")
+        out["seed_seconds"] = time.perf_counter() - started
         with tempfile.TemporaryDirectory() as tmp:
             from tests.support.procs import free_port
 
@@ -155,10 +157,7 @@ def main(argv: list[str]) -> int:
                 client = requests.Session()
                 client.cookies.set("fhir-bridge-dev", handle, domain="127.0.0.1")
                 summary_url = f"{server.url}/app/{launch_id}/api/summary"
-                ours: list[float] = []
-                floor: list[float] = []
-                points = 0
-                for run in range(args.runs + 1):
+                for run in range(runs + 1):
                     t0 = time.perf_counter()
                     fetched = floor_fetch(sekmet.base_url, "bench-token")
                     t1 = time.perf_counter()
@@ -166,26 +165,42 @@ def main(argv: list[str]) -> int:
                     t2 = time.perf_counter()
                     response.raise_for_status()
                     body = response.json()
-                    points = sum(len(s["t"]) for s in body["series"].values())
+                    out["points"] = sum(len(s["t"]) for s in body["series"].values())
                     if run:  # the first run warms caches on both sides
-                        floor.append((t1 - t0) * 1000)
-                        ours.append((t2 - t1) * 1000)
-                assert fetched >= args.observations, fetched
+                        out["floor"].append((t1 - t0) * 1000)
+                        out["server"].append((t2 - t1) * 1000)
+                assert fetched >= observations, fetched
                 assert body["dropped"]["other_patient"] == 0
-                ratio = statistics.median(ours) / statistics.median(floor)
-                print()
-                print(f"{'figure':58} {'value':>10} {'floor':>10} {'ratio':>7}")
-                print(
-                    f"{'dashboard server time, ' + str(args.observations) + ' Observations (ms, median)':58} "
-                    f"{statistics.median(ours):10.0f} {statistics.median(floor):10.0f} {ratio:7.2f}"
-                )
-                print(f"{'points drawn':58} {points:10d}")
-                if not args.no_browser:
+                if browser:
                     page_url = f"{server.url}/app/{launch_id}/"
-                    render, total, redraw = browser_times(page_url, handle, max(3, args.runs // 2))
-                    print(f"{'browser: data arrived -> interactive, 6 months shown (ms)':58} {render:10.0f}")
-                    print(f"{'browser: navigation -> interactive (ms)':58} {total:10.0f}")
-                    print(f"{f'browser: redraw of All, {points} points (ms)':58} {redraw:10.0f}")
+                    out["tti"], out["nav"], out["redraw"] = browser_samples(
+                        page_url, handle, max(3, runs // 2)
+                    )
     finally:
         sekmet.cleanup()
+    return out
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench dashboard")
+    parser.add_argument("--observations", type=int, default=10_000)
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--no-browser", action="store_true")
+    args = parser.parse_args(argv)
+    got = measure(args.observations, args.runs, not args.no_browser)
+    print(f"seeded {args.observations} Observations in {got['seed_seconds']:.1f} s")
+    ours, floor, points = got["server"], got["floor"], got["points"]
+    ratio = statistics.median(ours) / statistics.median(floor)
+    print()
+    print(f"{'figure':58} {'value':>10} {'floor':>10} {'ratio':>7}")
+    print(
+        f"{'dashboard server time, ' + str(args.observations) + ' Observations (ms, median)':58} "
+        f"{statistics.median(ours):10.0f} {statistics.median(floor):10.0f} {ratio:7.2f}"
+    )
+    print(f"{'points drawn':58} {points:10d}")
+    if "tti" in got:
+        render, total, redraw = (statistics.median(got[k]) for k in ("tti", "nav", "redraw"))
+        print(f"{'browser: data arrived -> interactive, 6 months shown (ms)':58} {render:10.0f}")
+        print(f"{'browser: navigation -> interactive (ms)':58} {total:10.0f}")
+        print(f"{f'browser: redraw of All, {points} points (ms)':58} {redraw:10.0f}")
     return 0

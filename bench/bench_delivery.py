@@ -126,24 +126,17 @@ def run_worker(services: Any, tenant: str, threads: int) -> float:
     return elapsed
 
 
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench delivery", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--records", type=int, default=1500, help="records per round (half PHQ-9 = 2 resources)"
-    )
-    parser.add_argument("--batch", type=int, default=100, help="outbox items per transaction")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", default="1,2", help="worker delivery loops to measure, comma-separated")
-    parser.add_argument("--postgres", action="store_true", help="outbox on PostgreSQL instead of SQLite")
-    args = parser.parse_args(argv)
-    threads = [int(t) for t in args.threads.split(",")]
-
+def measure(
+    records: int, batch: int, rounds: int, threads: list[int], postgres: bool
+) -> dict[str, list[float]]:
+    """Resources/s per round: ``floor``, ``worker xN`` per N in ``threads``; ``cpu xN``: ms/resource."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-delivery-"))
     ehr = SekmetServer()
     ehr.start()
     pg: PostgresServer | None = None
+    CPU.clear()
     try:
-        if args.postgres:
+        if postgres:
             bin_dir = find_bin_dir()
             if bin_dir is None:
                 raise SystemExit("PostgreSQL is not installed (apt-get install postgresql)")
@@ -158,7 +151,7 @@ def main(argv: list[str]) -> None:
                     "INSTANCE_PATH": str(tmp / "instance"),
                     "DATABASE_URL": url,
                     "ALLOW_INSECURE_LOOPBACK": True,
-                    "WORKER_BATCH_SIZE": args.batch,
+                    "WORKER_BATCH_SIZE": batch,
                     "LOG_LEVEL": "WARNING",
                 },
                 environ={},
@@ -168,24 +161,25 @@ def main(argv: list[str]) -> None:
         # The floor's items are only claimed to build Bundles, never delivered by a worker.
         add_tenant(services.db, "floor", "http://127.0.0.1:9/floor-only", quirks=QR_PUT)
         add_tenant(services.db, "bench", ehr.base_url, quirks=QR_PUT)
-        figures: dict[str, list[float]] = {"floor": []} | {f"worker x{t}": [] for t in threads}
+        figures: dict[str, list[float]] = {"floor": []}
+        figures |= {f"worker x{t}": [] for t in threads}
         # Warm-up: the first writes into a fresh server are not representative.
         seed(services.db, "floor", patient="warm", records=200)
-        bundles, _ = prebuilt_bundles(services, "floor", args.batch)
+        bundles, _ = prebuilt_bundles(services, "floor", batch)
         run_floor(ehr.base_url, bundles)
         contenders: list[int | None] = [None, *threads]  # None: the floor
-        for round_no in range(args.rounds):
+        for round_no in range(rounds):
             # The server slows down as it fills up: rotate who goes first, round by round.
             shift = round_no % len(contenders)
             for t in contenders[shift:] + contenders[:shift]:
                 if t is None:
                     patient = f"f{round_no}{uuid.uuid4().hex[:6]}"
-                    seed(services.db, "floor", patient=patient, records=args.records)
-                    bundles, count = prebuilt_bundles(services, "floor", args.batch)
+                    seed(services.db, "floor", patient=patient, records=records)
+                    bundles, count = prebuilt_bundles(services, "floor", batch)
                     figures["floor"].append(count / run_floor(ehr.base_url, bundles))
                     continue
                 patient = f"w{t}{uuid.uuid4().hex[:6]}"
-                seeded = seed(services.db, "bench", patient=patient, records=args.records)
+                seeded = seed(services.db, "bench", patient=patient, records=records)
                 figures[f"worker x{t}"].append(len(seeded.items) / run_worker(services, "bench", t))
                 CPU[f"worker x{t}"][-1] /= len(seeded.items)
             print(
@@ -193,27 +187,42 @@ def main(argv: list[str]) -> None:
                 + ", ".join(f"{name} {values[-1]:.0f}/s" for name, values in figures.items()),
                 file=sys.stderr,
             )
-        floor = statistics.median(figures["floor"])
-        backend = "PostgreSQL" if args.postgres else "SQLite"
-        print(
-            f"\nDelivery into sekmet {ehr_version()}, outbox on {backend}, {args.records} records/round "
-            f"(~{int(args.records * 1.5)} resources), transaction Bundles of {args.batch}, "
-            f"median of {args.rounds} rounds\n"
-        )
-        print(f"{'figure':38} {'resources/s':>12} {'floor/s':>9} {'ratio':>7} {'our CPU ms/resource':>20}")
-        print(
-            f"{'floor: prebuilt Bundles, bare requests':38} {floor:>12.0f} {floor:>9.0f} {1:>7.2f} {'-':>20}"
-        )
-        for t in threads:
-            value = statistics.median(figures[f"worker x{t}"])
-            cpu_ms = statistics.median(CPU[f"worker x{t}"]) * 1000
-            label = f"worker, {t} delivery loop{'s' if t > 1 else ''}"
-            print(f"{label:38} {value:>12.0f} {floor:>9.0f} {value / floor:>7.2f} {cpu_ms:>20.2f}")
         services.db.dispose()
+        for t in threads:
+            figures[f"cpu x{t}"] = [c * 1000 for c in CPU[f"worker x{t}"]]
+        return figures
     finally:
         ehr.cleanup()
         if pg is not None:
             pg.stop()
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench delivery", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--records", type=int, default=1500, help="records per round (half PHQ-9 = 2 resources)"
+    )
+    parser.add_argument("--batch", type=int, default=100, help="outbox items per transaction")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", default="1,2", help="worker delivery loops to measure, comma-separated")
+    parser.add_argument("--postgres", action="store_true", help="outbox on PostgreSQL instead of SQLite")
+    args = parser.parse_args(argv)
+    threads = [int(t) for t in args.threads.split(",")]
+    figures = measure(args.records, args.batch, args.rounds, threads, args.postgres)
+    floor = statistics.median(figures["floor"])
+    backend = "PostgreSQL" if args.postgres else "SQLite"
+    print(
+        f"\nDelivery into sekmet {ehr_version()}, outbox on {backend}, {args.records} records/round "
+        f"(~{int(args.records * 1.5)} resources), transaction Bundles of {args.batch}, "
+        f"median of {args.rounds} rounds\n"
+    )
+    print(f"{'figure':38} {'resources/s':>12} {'floor/s':>9} {'ratio':>7} {'our CPU ms/resource':>20}")
+    print(f"{'floor: prebuilt Bundles, bare requests':38} {floor:>12.0f} {floor:>9.0f} {1:>7.2f} {'-':>20}")
+    for t in threads:
+        value = statistics.median(figures[f"worker x{t}"])
+        cpu_ms = statistics.median(figures[f"cpu x{t}"])
+        label = f"worker, {t} delivery loop{'s' if t > 1 else ''}"
+        print(f"{label:38} {value:>12.0f} {floor:>9.0f} {value / floor:>7.2f} {cpu_ms:>20.2f}")
 
 
 def ehr_version() -> str:

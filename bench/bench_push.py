@@ -86,7 +86,12 @@ def floor_rate(count: int = 20_000) -> float:
 
 
 class Server:
-    def __init__(self, database_url: str, workdir: Path) -> None:
+    """``fhir-bridge serve`` (gunicorn) on loopback with ``workers`` web processes and extra settings."""
+
+    def __init__(
+        self, database_url: str, workdir: Path, *, workers: int = 1, settings: dict[str, str] | None = None
+    ) -> None:
+        self.workers = workers
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
@@ -97,8 +102,9 @@ class Server:
             "FHIR_BRIDGE_LOG_LEVEL": "WARNING",
             "FHIR_BRIDGE_METRICS_ENABLED": "false",
             "PYTHONPATH": str(ROOT),
-        }
+        } | {f"FHIR_BRIDGE_{k}": v for k, v in (settings or {}).items()}
         self.proc: subprocess.Popen[bytes] | None = None
+        self.vendor_key: Any = None
 
     def cli(self, *args: str) -> str:
         done = subprocess.run(
@@ -123,7 +129,7 @@ class Server:
                 "--port",
                 str(self.port),
                 "--workers",
-                "1",
+                str(self.workers),
                 "--no-migrate",
             ],
             env=self.env,
@@ -146,19 +152,33 @@ class Server:
             self.proc.wait(timeout=20)
 
 
-def setup_vendor(server: Server, workdir: Path) -> tuple[requests.Session, str]:
+def setup_vendor(
+    server: Server, workdir: Path, fhir_base: str = "https://bench.example/fhir"
+) -> tuple[requests.Session, str]:
     """Register a vendor and a tenant, enroll "bench-user", and return a session with a token."""
     key = ECKey.generate_key("P-384", private=True)
     jwk = key.as_dict(private=False) | {"kid": "bench-key"}
     (workdir / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
     key = ECKey.import_key(key.as_dict(private=True) | {"kid": "bench-key"})
     server.cli("vendor", "add", "bench-vendor", "--name", "Bench", "--jwks", str(workdir / "jwks.json"))
-    _add_tenant(server)
+    _add_tenant(server, fhir_base)
     code = server.cli(
         "enrollment", "create", "--tenant", "bench", "--patient", "pat-1", "--vendor", "bench-vendor"
     )
     code = code.split("pairing code: ")[1].split()[0]
     session = requests.Session()
+    server.vendor_key = key
+    token = vendor_token(server, session)
+    session.headers["Authorization"] = f"Bearer {token}"
+    claimed = session.post(
+        server.url + "/api/v1/enrollments/claim", json={"code": code, "app_user_id": "bench-user"}
+    )
+    claimed.raise_for_status()
+    return session, token
+
+
+def vendor_token(server: Server, session: requests.Session) -> str:
+    """A fresh vendor access token (they live VENDOR_TOKEN_LIFETIME, 300 s): long runs renew it."""
     now = int(time.time())
     assertion = jwt.encode(
         {"alg": "ES384", "kid": "bench-key", "typ": "JWT"},
@@ -169,10 +189,10 @@ def setup_vendor(server: Server, workdir: Path) -> tuple[requests.Session, str]:
             "exp": now + 240,
             "jti": uuid.uuid4().hex,
         },
-        key,
+        server.vendor_key,
         algorithms=["ES384"],
     )
-    token = session.post(
+    token: str = session.post(
         server.url + "/oauth/token",
         data={
             "grant_type": "client_credentials",
@@ -182,21 +202,17 @@ def setup_vendor(server: Server, workdir: Path) -> tuple[requests.Session, str]:
         timeout=30,
     ).json()["access_token"]
     session.headers["Authorization"] = f"Bearer {token}"
-    claimed = session.post(
-        server.url + "/api/v1/enrollments/claim", json={"code": code, "app_user_id": "bench-user"}
-    )
-    claimed.raise_for_status()
-    return session, token
+    return token
 
 
-def _add_tenant(server: Server) -> None:
+def _add_tenant(server: Server, fhir_base: str) -> None:
     from fhir_bridge.storage import Database
     from fhir_bridge.storage.models import Tenant
 
     db = Database(server.env["FHIR_BRIDGE_DATABASE_URL"])
     try:
         with db.transaction() as session:
-            session.add(Tenant(id="bench", name="Bench", fhir_base_url="https://bench.example/fhir"))
+            session.add(Tenant(id="bench", name="Bench", fhir_base_url=fhir_base))
     finally:
         db.dispose()
 

@@ -248,7 +248,9 @@ def _require_current_schema(database: Any) -> None:
 def worker(ctx: Context, once: bool, threads: int | None, metrics_port: int | None) -> None:
     """Deliver queued resources to the EHRs until SIGTERM or SIGINT (the batch in hand is finished).
 
-    Any number of workers may run against one PostgreSQL database; on SQLite run one.
+    Any number of workers may run against one PostgreSQL database; on SQLite run one. Each also
+    offers the scheduled jobs (key rotation, retention purge, absence-of-data rules); one worker runs
+    each job once per SCHEDULER_TICK_SECONDS.
     """
     import signal
     import threading
@@ -283,7 +285,7 @@ def worker(ctx: Context, once: bool, threads: int | None, metrics_port: int | No
         while not stop.is_set() and runner.run_once():
             pass
         return
-    runner.run(threads=threads or settings.worker_threads)
+    runner.run(threads=threads or settings.worker_threads, schedule=True)
 
 
 @cli.group()
@@ -337,6 +339,17 @@ def _ehr_options(func: F) -> F:
             help="The crisis line shown with every message thread (messages are not for emergencies), "
             "e.g. 'Samaritans 116 123'; '' removes it.",
         ),
+        click.option(
+            "--backfill-rps",
+            type=click.FloatRange(min=0),
+            help="Most requests per second for backfill (history pushed with mode=backfill), within "
+            "--max-rps; per worker process. 0: no separate backfill limit.",
+        ),
+        click.option(
+            "--backfill-concurrent",
+            type=click.IntRange(0, 64),
+            help="Most backfill requests in flight at once, per worker process. 0: no separate limit.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -388,6 +401,12 @@ def _tenant_values(ctx: Context, fhir_base: str | None, **opts: Any) -> dict[str
         if len(line) > 200 or any(ord(ch) < 32 for ch in line):
             raise click.BadParameter("a crisis line is one line of at most 200 characters")
         values["crisis_line"] = line or None
+    for option, column in (
+        ("backfill_rps", "backfill_requests_per_second"),
+        ("backfill_concurrent", "backfill_max_concurrent"),
+    ):
+        if opts.get(option) is not None:
+            values[column] = opts[option] or None  # 0 removes the backfill limit
     # Quirks are merged into what the EHR has (see `ehr update`); None removes one.
     quirks: dict[str, Any] = {}
     if opts.get("put_types") is not None:
@@ -497,6 +516,11 @@ def ehr_list(ctx: Context) -> None:
     for t in tenants:
         quirks = json.dumps(t.quirks, separators=(",", ":")) if t.quirks else "-"
         limits = f"{t.max_requests_per_second or '-'} rps, {t.max_concurrent_requests} at once"
+        if t.backfill_requests_per_second or t.backfill_max_concurrent:
+            limits += (
+                f"; backfill {t.backfill_requests_per_second or '-'} rps, "
+                f"{t.backfill_max_concurrent or '-'} at once"
+            )
         click.echo(
             f"{t.id}  [{t.status}]  {t.name}\n"
             f"    FHIR base     {t.fhir_base_url}\n"
@@ -929,6 +953,34 @@ def enrollment_list(ctx: Context, tenant: str | None, vendor_id: str | None) -> 
             f"{row.id}  {state:8}  tenant={row.tenant_id}  patient={row.patient_id}  vendor={row.vendor}"
             f"  app_user={row.app_user_id or '-'}  created={row.created_at.isoformat(timespec='seconds')}"
         )
+
+
+# -- bench ------------------------------------------------------------------------------------
+
+
+@cli.command(
+    "bench",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple[str, ...]) -> None:
+    """Run the benchmark suite (TARGETS.md): ``--quick``, ``--only NAMES``, ``--json PATH``, ``compare A B``.
+
+    The suite lives in the source checkout (``bench/``, next to ``tests/support`` whose servers it
+    starts), not in the installed package; run this from the checkout. ``--help`` lists the options.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    if importlib.util.find_spec("bench.suite") is None:
+        cwd = Path.cwd()
+        if (cwd / "bench" / "suite.py").is_file():
+            sys.path.insert(0, str(cwd))
+        else:
+            raise click.ClickException("the benchmark suite needs a source checkout: run this from its root")
+    from bench.__main__ import main as bench_main
+
+    raise SystemExit(bench_main(list(args)))
 
 
 # -- map --------------------------------------------------------------------------------------

@@ -172,6 +172,28 @@ class RequestLimiter:
             self._slots.release()
 
 
+class StackedLimiter(RequestLimiter):
+    """Two limits at once (a tenant's backfill limit inside its overall one): both must admit a request."""
+
+    def __init__(self, inner: RequestLimiter, outer: RequestLimiter) -> None:
+        super().__init__()
+        self.inner = inner
+        self.outer = outer
+
+    def __enter__(self) -> StackedLimiter:
+        self.inner.__enter__()
+        try:
+            self.outer.__enter__()
+        except BaseException:
+            self.inner.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.outer.__exit__(*exc)
+        self.inner.__exit__(*exc)
+
+
 @dataclass(frozen=True)
 class FhirResponse:
     status: int

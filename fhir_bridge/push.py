@@ -16,6 +16,7 @@ on the key; SQLite serialises writers, so the second simply waits and then repla
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -73,6 +74,38 @@ class RecordSchema(Schema):
 
 
 _RECORD_SCHEMA = RecordSchema()
+_ENVELOPE_KEYS = frozenset({"record_id", "app_user_id", "measure", "data"})
+_RECORD_ID_FULL = re.compile(rf"(?:{RECORD_ID})\Z")
+_APP_USER_ID_FULL = re.compile(rf"(?:{APP_USER_ID.pattern})\Z")
+
+
+def load_envelope(raw: dict[str, Any]) -> dict[str, Any]:
+    """The envelope as :class:`RecordSchema` loads it, without marshmallow for the valid case.
+
+    Per record only the four values are checked (the same rules as the schema); anything that does
+    not pass goes through the schema itself, so error messages stay exactly the schema's. Profiling
+    the push path showed the envelope schema at a fifth of its CPU.
+    """
+    if raw.keys() == _ENVELOPE_KEYS:
+        record_id, app_user_id = raw["record_id"], raw["app_user_id"]
+        measure, data = raw["measure"], raw["data"]
+        if (
+            type(record_id) is str
+            and type(app_user_id) is str
+            and type(measure) is str
+            and type(data) is dict
+            and 1 <= len(measure) <= 100
+            and _RECORD_ID_FULL.match(record_id)
+            and _APP_USER_ID_FULL.match(app_user_id)
+        ):
+            return {
+                "record_id": record_id,
+                "app_user_id": app_user_id,
+                "measure": measure,
+                "data": dict(data),
+            }
+    loaded: dict[str, Any] = _RECORD_SCHEMA.load(raw)
+    return loaded
 
 
 @dataclass
@@ -281,16 +314,32 @@ def submit(
     idempotency_key: str | None,
     work: Callable[[Session, uuid.UUID, datetime], Work],
     now: datetime | None = None,
+    priority: int = 0,
 ) -> Outcome:
     """Run ``work`` and record its submission, records and outbox items in one transaction.
+
+    ``priority`` goes on every outbox item: 0 live, 1 backfill (delivered after live items).
 
     Retries once when a concurrent push inserted one of the same record ids (or the same key) after
     we looked: the second run sees those records as duplicates (or replays the key).
     """
+
+    def once() -> Outcome:
+        return _submit_once(
+            db,
+            vendor=vendor,
+            kind=kind,
+            body=body,
+            key=idempotency_key,
+            work=work,
+            now=now,
+            priority=priority,
+        )
+
     try:
-        return _submit_once(db, vendor=vendor, kind=kind, body=body, key=idempotency_key, work=work, now=now)
+        return once()
     except IntegrityError:
-        return _submit_once(db, vendor=vendor, kind=kind, body=body, key=idempotency_key, work=work, now=now)
+        return once()
 
 
 def _submit_once(
@@ -302,6 +351,7 @@ def _submit_once(
     key: str | None,
     work: Callable[[Session, uuid.UUID, datetime], Work],
     now: datetime | None,
+    priority: int = 0,
 ) -> Outcome:
     now = now or datetime.now(UTC)
     body_hash = request_hash(body)
@@ -338,6 +388,7 @@ def _submit_once(
             prepared=done.prepared,
             now=now,
             group_key=done.group_key,
+            priority=priority,
         )
         return Outcome(done.status, response_body, headers=done.extra_headers)
 
@@ -351,8 +402,9 @@ def push(
     body: bytes,
     idempotency_key: str | None,
     now: datetime | None = None,
+    backfill: bool = False,
 ) -> Outcome:
-    """Process one native batch; see the module docstring."""
+    """Process one native batch; see the module docstring. ``backfill``: history, after live data."""
 
     def work(session: Session, submission_id: uuid.UUID, now: datetime) -> Work:
         results, prepared = _evaluate(session, mapper, vendor=vendor, records=records, now=now)
@@ -366,7 +418,14 @@ def push(
         return Work(200, response, counts, prepared)
 
     return submit(
-        db, vendor=vendor, kind="native", body=body, idempotency_key=idempotency_key, work=work, now=now
+        db,
+        vendor=vendor,
+        kind="native",
+        body=body,
+        idempotency_key=idempotency_key,
+        work=work,
+        now=now,
+        priority=1 if backfill else 0,
     )
 
 
@@ -386,7 +445,7 @@ def _evaluate(
             )
             continue
         try:
-            valid.append((result, _RECORD_SCHEMA.load(raw)))
+            valid.append((result, load_envelope(raw)))
         except ValidationError as exc:
             result.errors = _marshmallow_problems(exc.messages)
 
@@ -432,6 +491,7 @@ def write_accepted(
     prepared: Sequence[Prepared],
     now: datetime,
     group_key: str | None = None,
+    priority: int = 0,
 ) -> None:
     """Insert the records and their outbox items (executemany: one round trip per table)."""
     if not prepared:
@@ -466,7 +526,7 @@ def write_accepted(
                 "ident_system": res.identifier_system,
                 "ident_value": res.identifier_value,
                 "body": orjson.dumps(res.resource),
-                "priority": 0,
+                "priority": priority,
                 "status": "pending",
                 "attempts": 0,
                 "next_attempt_at": now,

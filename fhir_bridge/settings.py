@@ -245,6 +245,12 @@ SPECS: tuple[Spec, ...] = (
     ),
     Spec("WORKER_BATCH_SIZE", 100, _int_between(1, 5000), "Outbox items one worker claims at once."),
     Spec(
+        "WORKER_BACKFILL_BATCH_SIZE",
+        500,
+        _int_between(1, 5000),
+        "Outbox items of backfill (pushed with `mode=backfill`) claimed at once: one large transaction.",
+    ),
+    Spec(
         "WORKER_POLL_SECONDS",
         1.0,
         _float_between(0.05, 60.0),
@@ -280,6 +286,31 @@ SPECS: tuple[Spec, ...] = (
         2,
         _int_between(1, 32),
         "Delivery loops per worker process (one claims while another waits for the EHR).",
+    ),
+    Spec(
+        "SCHEDULER_TICK_SECONDS",
+        300,
+        _int_between(1, 86400),
+        "How often scheduled jobs (key rotation, retention purge, absence-of-data rules) run; "
+        "exactly one `fhir-bridge worker` runs each job once per tick.",
+    ),
+    Spec(
+        "KEY_ROTATION_DAYS",
+        90,
+        _int_between(0, 3650),
+        "Age at which the scheduler rotates the signing key (and removes retired keys). 0: only by hand.",
+    ),
+    Spec(
+        "RETENTION_DELIVERED_DAYS",
+        30,
+        _int_between(0, 3650),
+        "Days delivered outbox items (their bodies hold PHI) are kept after delivery. 0: kept.",
+    ),
+    Spec(
+        "RETENTION_DEAD_DAYS",
+        90,
+        _int_between(0, 3650),
+        "Days dead-lettered outbox items are kept (unless an alert points to them). 0: kept.",
     ),
     Spec(
         "HTTP_TIMEOUT_SECONDS",
@@ -348,12 +379,17 @@ class Settings:
     allow_insecure_loopback: bool
     worker_embedded: bool
     worker_batch_size: int
+    worker_backfill_batch_size: int
     worker_poll_seconds: float
     worker_max_attempts: int
     worker_lease_seconds: int
     worker_retry_base_seconds: float
     worker_retry_max_seconds: float
     worker_threads: int
+    scheduler_tick_seconds: int
+    key_rotation_days: int
+    retention_delivered_days: int
+    retention_dead_days: int
     http_timeout_seconds: float
     item_text_file: Path | None
     rules_dir: Path | None

@@ -15,6 +15,9 @@ from fhir_bridge.push import Mapper, check_idempotency_key, push
 bp = Blueprint("records", __name__, url_prefix="/api/v1")
 
 MAPPER_KEY = "fhir_bridge.mapper"
+# live: delivered as soon as possible. backfill: a patient's history (months of records at
+# enrollment), delivered after every live item, in large Bundles, at the EHR's backfill rate limit.
+PUSH_MODES = frozenset({"live", "backfill"})
 _mapper_lock = threading.Lock()
 
 
@@ -35,6 +38,12 @@ def mapper() -> Mapper:
 def push_records() -> Response:
     """A batch of 1..MAX_BATCH_RECORDS native records; one result per record, in order."""
     key = check_idempotency_key(request.headers.get("Idempotency-Key"))
+    mode = request.args.get("mode", "live")
+    if mode not in PUSH_MODES:
+        raise BadRequest(
+            f"Unknown mode {mode[:40]!r}: use mode=live (the default) or mode=backfill for history.",
+            code="invalid-mode",
+        )
     body: Any = read_json("application/json")
     limit = services.current().settings.max_batch_records
     if not isinstance(body, dict) or set(body) != {"records"} or not isinstance(body["records"], list):
@@ -54,6 +63,7 @@ def push_records() -> Response:
         records=records,
         body=request.get_data(cache=True),
         idempotency_key=key,
+        backfill=mode == "backfill",
     )
     response = Response(outcome.body, status=outcome.status, mimetype="application/json")
     if outcome.replayed:

@@ -160,8 +160,13 @@ def claim(
     lease_seconds: float,
     tenants: Collection[str],
     now: datetime | None = None,
+    backfill: bool | None = None,
 ) -> Claim:
-    """Lease up to about ``limit`` items (whole groups; at least one group) of the given tenants."""
+    """Lease up to about ``limit`` items (whole groups; at least one group) of the given tenants.
+
+    ``backfill``: False claims live items only (priority 0), True backfill only (priority >= 1),
+    None both (live first). A group's items always share one priority (one push, one mode).
+    """
     now = now or utcnow()
     lease_until = now + timedelta(seconds=lease_seconds)
     result = Claim(worker=worker, lease_until=lease_until)
@@ -176,6 +181,10 @@ def claim(
         .order_by(OutboxItem.priority, OutboxItem.next_attempt_at, OutboxItem.id)
         .limit(limit)
     )
+    if backfill is not None:
+        candidates_query = candidates_query.where(
+            OutboxItem.priority >= 1 if backfill else OutboxItem.priority == 0
+        )
     if postgres:
         candidates_query = candidates_query.with_for_update(skip_locked=True)
     with db.transaction() as session:

@@ -24,7 +24,7 @@ from sqlalchemy import select
 from auth.backend import BackendTokenSource, SmartConfigurationCache, UnsafeUrlError, require_secure_url
 from auth.keys import Keyring
 from fhir_bridge.delivery.writers import PROVENANCE_MODES, ProvenanceMode
-from fhir_bridge.fhir_client import FhirClient, RequestLimiter
+from fhir_bridge.fhir_client import FhirClient, RequestLimiter, StackedLimiter
 from fhir_bridge.ops import metrics
 from fhir_bridge.settings import Settings
 from fhir_bridge.storage import Database
@@ -62,6 +62,9 @@ class TenantRuntime:
     put_types: frozenset[str]
     client: FhirClient
     provenance: ProvenanceMode = "plain"
+    # Backfill (priority >= 1) goes through this client: the tenant's backfill limit on top of its
+    # overall one. None: the tenant set no backfill limit; backfill uses ``client``.
+    backfill_client: FhirClient | None = None
     device_ids: dict[str, str] = field(default_factory=dict)
     failures: int = 0
     paused_until: float = 0.0  # time.monotonic()
@@ -189,22 +192,33 @@ class TenantDirectory:
             if status is not None:
                 latency.observe(seconds)
 
-        client = FhirClient(
-            base,
-            auth=auth,
-            session=session,
-            timeout=settings.http_timeout_seconds,
-            limiter=RequestLimiter(
-                per_second=row.max_requests_per_second, max_concurrent=row.max_concurrent_requests or None
-            ),
-            retry_after_cap=settings.worker_retry_max_seconds,
-            on_response=observe,
+        overall = RequestLimiter(
+            per_second=row.max_requests_per_second, max_concurrent=row.max_concurrent_requests or None
         )
+
+        def make_client(limiter: RequestLimiter) -> FhirClient:
+            return FhirClient(
+                base,
+                auth=auth,
+                session=session,
+                timeout=settings.http_timeout_seconds,
+                limiter=limiter,
+                retry_after_cap=settings.worker_retry_max_seconds,
+                on_response=observe,
+            )
+
+        backfill_client = None
+        if row.backfill_requests_per_second or row.backfill_max_concurrent:
+            backfill_limit = RequestLimiter(
+                per_second=row.backfill_requests_per_second, max_concurrent=row.backfill_max_concurrent
+            )
+            backfill_client = make_client(StackedLimiter(backfill_limit, overall))
         return TenantRuntime(
             tenant_id=row.id,
             updated_at=row.updated_at,
             strategy=strategy,
             put_types=put_types,
-            client=client,
+            client=make_client(overall),
             provenance=provenance,
+            backfill_client=backfill_client,
         )

@@ -53,6 +53,7 @@ def worker_name() -> str:
 @dataclass(frozen=True)
 class Policy:
     batch_size: int
+    backfill_batch_size: int
     lease_seconds: float
     poll_seconds: float
     max_attempts: int
@@ -64,6 +65,7 @@ class Policy:
         s = services.settings
         return cls(
             batch_size=s.worker_batch_size,
+            backfill_batch_size=s.worker_backfill_batch_size,
             lease_seconds=float(s.worker_lease_seconds),
             poll_seconds=s.worker_poll_seconds,
             max_attempts=s.worker_max_attempts,
@@ -94,7 +96,6 @@ class Worker:
         self.policy = policy or Policy.from_services(services)
         self.directory = directory or TenantDirectory(services.db, services.keyring, services.settings)
         self.stop = threading.Event()
-        self._rules_due = 0.0  # monotonic time this process next asks whether schedule rules are due
         self._http = threading.local()  # one requests.Session per delivery loop (thread)
         self._webhooks_due = 0.0
 
@@ -137,13 +138,25 @@ class Worker:
         tenants = self.directory.deliverable()
         if not tenants:
             return 0
+        # Live data first, always: backfill is claimed only when no live item is due (in large
+        # batches; its tenant's backfill rate limit applies when it is written).
         claim = outbox.claim(
             self.db,
             worker=f"{self.name}/{loop}",
             limit=self.policy.batch_size,
             lease_seconds=self.policy.lease_seconds,
             tenants=tenants,
+            backfill=False,
         )
+        if not claim.items:
+            claim = outbox.claim(
+                self.db,
+                worker=f"{self.name}/{loop}",
+                limit=self.policy.backfill_batch_size,
+                lease_seconds=self.policy.lease_seconds,
+                tenants=tenants,
+                backfill=True,
+            )
         if not claim.items:
             return 0
         for tenant_id, items in claim.by_tenant().items():
@@ -151,7 +164,10 @@ class Worker:
         return len(claim.items)
 
     def run_scheduled_rules(self) -> int | None:
-        """Schedule rules (absence of data), when due; one worker at a time (see fhir_bridge.rules)."""
+        """Schedule rules (absence of data), when due; one worker at a time (see fhir_bridge.rules).
+
+        In a running worker the scheduler thread (:mod:`fhir_bridge.scheduler`) calls the same engine
+        function; this is for callers that drive a worker by hand (tests, the embedded worker)."""
         settings = self.services.settings
         return rules_engine.maybe_run_scheduled(
             self.db,
@@ -159,20 +175,6 @@ class Worker:
             interval_seconds=settings.rules_schedule_seconds,
             rules_dir=settings.rules_dir,
         )
-
-    def _scheduled_rules(self) -> None:
-        # Ask the database (a write transaction) only when this process thinks a run may be due: not
-        # on every loop, where it would sit between every two batches.
-        now = time.monotonic()
-        if now < self._rules_due:
-            return
-        self._rules_due = now + min(60.0, self.services.settings.rules_schedule_seconds)
-        try:
-            self.run_scheduled_rules()
-        except SQLAlchemyError:
-            raise
-        except Exception as exc:  # a bad rule file must not stop delivery
-            log.error("scheduled rules failed", extra={"exception": type(exc).__name__, "worker": self.name})
 
     def _deliver(self, claim: Claim, tenant_id: str, items: list[Item]) -> None:
         runtime = self.directory.get(tenant_id)
@@ -198,9 +200,11 @@ class Worker:
             for (tenant, resource_type, system, value), ehr_id in claim.delivered.items()
             if tenant == tenant_id
         }
+        backfill = all(item.priority >= 1 for item in items)
+        client = runtime.backfill_client if backfill and runtime.backfill_client else runtime.client
         writer = make_writer(
             runtime.strategy,
-            runtime.client,
+            client,
             put_types=runtime.put_types,
             device_ids=runtime.device_ids,
             guard=keep_lease,
@@ -347,8 +351,19 @@ class Worker:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def run(self, *, threads: int = 1) -> None:
-        """Deliver until :attr:`stop` is set; each loop finishes the batch it holds before returning."""
+    def run(self, *, threads: int = 1, schedule: bool = False) -> None:
+        """Deliver until :attr:`stop` is set; each loop finishes the batch it holds before returning.
+
+        With ``schedule``, this process also offers the scheduled jobs (:mod:`fhir_bridge.scheduler`);
+        locks make sure one worker among all of them runs each job once per tick.
+        """
+        scheduler_thread = None
+        if schedule:
+            from fhir_bridge.scheduler import Scheduler
+
+            scheduler = Scheduler(self.services, holder=self.name)
+            scheduler.stop = self.stop
+            scheduler_thread = scheduler.start()
         log.info("delivery worker started", extra={"worker": self.name, "count": threads})
         loops = [
             threading.Thread(target=self._loop, args=(n,), name=f"delivery-{n}", daemon=True)
@@ -359,6 +374,8 @@ class Worker:
         self._loop(0)
         for thread in loops:
             thread.join()
+        if scheduler_thread is not None:
+            scheduler_thread.join(min(30.0, self.policy.lease_seconds))
         log.info("delivery worker stopped", extra={"worker": self.name})
 
     def _loop(self, number: int) -> None:
@@ -367,8 +384,6 @@ class Worker:
             self.stop.wait(self.policy.poll_seconds * number / 2)
         while not self.stop.is_set():
             try:
-                if number == 0:
-                    self._scheduled_rules()
                 handled = self.run_once(loop=number)
             except SQLAlchemyError as exc:
                 # The database is down or busy: nothing is lost (the outbox is the database); wait.
@@ -386,7 +401,7 @@ class BackgroundWorker:
         self.worker = Worker(services)
         self.thread = threading.Thread(
             target=self.worker.run,
-            kwargs={"threads": services.settings.worker_threads},
+            kwargs={"threads": services.settings.worker_threads, "schedule": True},
             name="delivery-embedded",
             daemon=True,
         )

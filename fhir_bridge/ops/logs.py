@@ -50,6 +50,9 @@ ALLOWED_FIELDS = frozenset(
         "alert",
         "count",
         "seconds",
+        # scheduled jobs (fhir_bridge.scheduler)
+        "job",
+        "tick",
         # sandbox EHR (dev/demo only): which registered app, which OAuth grant
         "client",
         "grant_type",

@@ -118,6 +118,9 @@ class Tenant(Base):
     write_strategy: Mapped[str] = mapped_column(String(16), default="transaction")
     max_requests_per_second: Mapped[float | None] = mapped_column(Float)
     max_concurrent_requests: Mapped[int] = mapped_column(Integer, default=4)
+    # Backfill (outbox priority 1) goes through its own, usually tighter, limit; NULL: the ones above.
+    backfill_requests_per_second: Mapped[float | None] = mapped_column(Float)
+    backfill_max_concurrent: Mapped[int | None] = mapped_column(Integer)
     frame_ancestors: Mapped[list[str]] = mapped_column(default=list)
     crisis_line: Mapped[str | None] = mapped_column(String(500))
     # CDS Hooks (issue 8): the EHR's CDS client, which signs each hook call with its key. ``iss`` it

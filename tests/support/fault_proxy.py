@@ -51,12 +51,20 @@ class Pass:
     """Forward as usual (to let some requests through in a queue of faults)."""
 
 
-Fault = Respond | ForwardThenDrop | Pass
+@dataclass(frozen=True)
+class Delay:
+    """Wait ``seconds``, then forward (a slow EHR)."""
+
+    seconds: float
+
+
+Fault = Respond | ForwardThenDrop | Pass | Delay
 
 
 class FaultProxy:
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, *, record: bool = True) -> None:
         parts = urlsplit(upstream)
+        self.record = record  # keep every request (tests); off for long runs (bench/soak.py)
         assert parts.hostname and parts.port
         self.upstream_host, self.upstream_port = parts.hostname, parts.port
         self.port = free_port()
@@ -66,6 +74,10 @@ class FaultProxy:
         self.forwarded = 0
         self.injected = 0
         self.statuses: Counter[int] = Counter()  # statuses the upstream answered with
+        # Every request seen: (arrival, method, path, body), and how many were in flight at most.
+        self.requests: list[tuple[float, str, str, bytes]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -77,6 +89,18 @@ class FaultProxy:
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                with proxy._lock:
+                    if proxy.record:
+                        proxy.requests.append((time.monotonic(), self.command, self.path, body))
+                    proxy.in_flight += 1
+                    proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
+                try:
+                    self._answer(body)
+                finally:
+                    with proxy._lock:
+                        proxy.in_flight -= 1
+
+            def _answer(self, body: bytes) -> None:
                 fault = proxy._next_fault()
                 if isinstance(fault, Respond):
                     proxy._count("injected")
@@ -87,6 +111,8 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(fault.body)
                     return
+                if isinstance(fault, Delay):
+                    time.sleep(fault.seconds)
                 status, headers, payload = proxy._forward(self.command, self.path, self.headers, body)
                 proxy._count("forwarded")
                 if isinstance(fault, ForwardThenDrop):

@@ -5,7 +5,7 @@
 * ``alerts.episode_ended_at`` / ``trigger_at`` / ``ident_value``: an alert stays one episode until an
   evaluation finds its condition false; the identifier of its Flag/Task is derived from them.
 * ``tenants.cds_client_*``: who may call our CDS Hooks service for that EHR (iss and its keys).
-* (An acknowledgement's Flag/Task change is an outbox upsert: ``outbox.method``, migration 0007.)
+* (An acknowledgement's Flag/Task change is an outbox upsert: ``outbox.method``, migration 0006.)
 
 Revision ID: 0005
 Revises: 0004

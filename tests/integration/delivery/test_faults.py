@@ -411,7 +411,7 @@ def held_by_dead_worker(db: Database, tenant: str) -> int:
         )
 
 
-def test_two_worker_processes_on_postgresql_share_the_queue_without_duplicates(
+def test_two_worker_processes_on_postgresql_share_the_queue_and_the_schedule_without_duplicates(
     smart_ehr: SekmetServer,
     ehr_reader: FhirClient,
     pg_server: PostgresServer,
@@ -433,15 +433,27 @@ def test_two_worker_processes_on_postgresql_share_the_queue_without_duplicates(
         "worker_threads": 2,
         "worker_poll_seconds": 0.05,
         "log_level": "INFO",
+        "log_format": "json",
+        "scheduler_tick_seconds": 1,
     }
-    workers = [WorkerProcess(settings, cwd=tmp_path, log=tmp_path / f"w{n}.log").start() for n in range(2)]
+    logs = [tmp_path / f"w{n}.log" for n in range(2)]
+    workers = [WorkerProcess(settings, cwd=tmp_path, log=log).start() for log in logs]
     for worker in workers:
         worker.wait_ready()
     try:
         _wait_for(lambda: not pending(services.db, "pair"), what="the backlog to drain", timeout=120)
+        # Both workers offer every job at every 1-second tick; let at least three ticks pass.
+        _wait_for(lambda: len({tick for _, tick in _job_runs(logs)}) >= 4, what="four ticks", timeout=30)
     finally:
         codes = [w.terminate() for w in workers]
     assert codes == [0, 0]
+    runs = Counter(_job_runs(logs))
+    assert {job for job, _ in runs} >= {"key-rotation", "retention-purge"}
+    assert set(runs.values()) == {1}, f"a job ran twice in one tick: {runs}"
+    # Every tick had every job (the last one may have been cut short by the SIGTERM).
+    ticks = sorted({tick for _, tick in runs})[:-1]
+    for job in ("key-rotation", "retention-purge"):
+        assert [t for j, t in sorted(runs) if j == job][: len(ticks)] == ticks, f"{job} ran in every tick"
     with services.db.sessions() as session:
         by_process = Counter(
             name.rsplit(":", 1)[0] for name in session.scalars(select(DeliveryAttempt.worker))
@@ -450,6 +462,17 @@ def test_two_worker_processes_on_postgresql_share_the_queue_without_duplicates(
     assert in_ehr(ehr_reader, patient) == Counter(seeded.items)
     with services.db.sessions() as session:
         assert session.scalar(select(func.max(OutboxItem.attempts))) == 1, "no item was written twice"
+
+
+def _job_runs(logs: list[Path]) -> list[tuple[str, int]]:
+    """(job, tick) of every "scheduled job ran" line the worker processes logged."""
+    runs = []
+    for log in logs:
+        for line in log.read_text().splitlines():
+            if line.startswith("{") and '"scheduled job ran"' in line:
+                entry = orjson.loads(line)
+                runs.append((entry["job"], entry["tick"]))
+    return runs
 
 
 def _wait_for(check: object, *, what: str, timeout: float = 60) -> None:

@@ -86,8 +86,8 @@ def test_no_response_reason_names_the_values() -> None:
     events = run_rule(rule, history_, [day(0), day(56)], EpisodeState())
     assert [e.kind for e in events] == ["fired"]
     assert events[0].reason == (
-        "PHQ-9 15 on 2026-11-02 is -6 % from baseline 16 (2026-09-07) after 8 weeks; "
-        "a response is -50 % or better."
+        "PHQ-9 15 on 2026-11-02, after 8 weeks: -6 % since baseline 16 (2026-09-07); "
+        "a response is a fall of 50 % or more."
     )
 
 

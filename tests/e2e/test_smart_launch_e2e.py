@@ -130,6 +130,26 @@ def clinic(
     )
     history = patient_history(patient, count=400, seed=21)
     _write(fhir_base, token, history)
+    # An alert the EHR holds of its own (not raised by fhir-bridge): the alerts panel lists it.
+    _put(
+        fhir_base,
+        token,
+        {
+            "resourceType": "Flag",
+            "id": f"fall-risk-{suffix}",
+            "status": "active",
+            "category": [
+                {
+                    "coding": [
+                        {"system": "http://terminology.hl7.org/CodeSystem/flag-category", "code": "safety"}
+                    ]
+                }
+            ],
+            "code": {"text": "Fall risk: uses a walking aid"},
+            "subject": {"reference": f"Patient/{patient}"},
+            "period": {"start": "2026-11-01"},
+        },
+    )
     _write(
         fhir_base,
         token,
@@ -322,6 +342,7 @@ def test_ehr_launch_from_the_chart_opens_the_dashboard_on_that_patient(clinic: d
             "#chart-steps",
         ):
             assert frame.locator(f"{chart} svg.chart-svg").count() == 1, chart
+        assert "Fall risk: uses a walking aid" in frame.inner_text("#alerts")
         screenshot(page, "ehr-launch-chart.png")
         assert frame.locator(".notice").count() == 0, frame.inner_text("#notices")  # every panel loaded
         # The same dashboard opened on its own, to capture every panel in one picture.

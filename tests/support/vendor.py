@@ -164,3 +164,23 @@ def register(
         actor="test",
     )
     return Vendor(app.test_client(), client_id, key, alg, token_url=svc.settings.url("/oauth/token"))
+
+
+def enroll(app: Any, vendor: Vendor, tenant: str, patient: str, app_user: str = "user-1") -> str:
+    """A clinician's pairing code for ``patient`` (as "Prescribe app" makes it), claimed by ``vendor``
+    for ``app_user`` through the API; returns the enrollment id."""
+    from fhir_bridge import enrollment, services
+
+    svc = services.from_app(app)
+    code = enrollment.create(
+        svc.db,
+        secret=svc.secret_key,
+        tenant_id=tenant,
+        patient_id=patient,
+        vendor_client_id=vendor.client_id,
+        created_by="dr-test",
+        ttl_seconds=600,
+    ).code
+    claimed = vendor.claim(code, app_user)
+    assert claimed.status_code == 201, claimed.json
+    return str(claimed.json["id"])

@@ -16,7 +16,7 @@ import pytest
 from flask import Flask
 from sqlalchemy import select, update
 
-from fhir_bridge import enrollment, services
+from fhir_bridge import services
 from fhir_bridge.delivery import Worker
 from fhir_bridge.fhir_client import FhirClient
 from fhir_bridge.storage.models import OutboxItem, Tenant
@@ -25,7 +25,7 @@ from tests.integration.delivery.conftest import CLIENT_ID, drain
 from tests.support.fault_proxy import FaultProxy
 from tests.support.outbox_seed import add_tenant, in_ehr
 from tests.support.sekmet import SekmetServer
-from tests.support.vendor import register
+from tests.support.vendor import enroll, register
 
 pytestmark = [pytest.mark.ehr]
 
@@ -50,18 +50,8 @@ def steps(prefix: str, days: int, start: date) -> list[dict[str, Any]]:
 
 
 def enrolled_vendor(app: Flask, tenant: str, patient: str) -> Any:
-    svc = services.from_app(app)
     vendor = register(app, f"acme-{uuid.uuid4().hex[:6]}")
-    code = enrollment.create(
-        svc.db,
-        secret=svc.secret_key,
-        tenant_id=tenant,
-        patient_id=patient,
-        vendor_client_id=vendor.client_id,
-        created_by="dr-test",
-        ttl_seconds=600,
-    ).code
-    assert vendor.claim(code, "user-1").status_code == 201
+    enroll(app, vendor, tenant, patient)
     return vendor
 
 

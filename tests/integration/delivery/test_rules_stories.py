@@ -14,7 +14,7 @@ import pytest
 from flask import Flask
 from sqlalchemy import func, select
 
-from fhir_bridge import enrollment, services
+from fhir_bridge import services
 from fhir_bridge.delivery import Worker
 from fhir_bridge.fhir_client import FhirClient
 from fhir_bridge.rules import engine
@@ -26,23 +26,9 @@ from tests.integration.delivery.conftest import CLIENT_ID, drain
 from tests.support.outbox_seed import add_tenant
 from tests.support.sekmet import SekmetServer
 from tests.support.smart_seed import seed_launch
-from tests.support.vendor import Vendor, register
+from tests.support.vendor import Vendor, enroll, register
 
 pytestmark = [pytest.mark.ehr]
-
-
-def _enroll(app: Flask, vendor: Vendor, tenant: str, patient: str, app_user: str) -> None:
-    svc = services.from_app(app)
-    code = enrollment.create(
-        svc.db,
-        secret=svc.secret_key,
-        tenant_id=tenant,
-        patient_id=patient,
-        vendor_client_id=vendor.client_id,
-        created_by="dr-test",
-        ttl_seconds=600,
-    ).code
-    assert vendor.claim(code, app_user).status_code == 201
 
 
 def _push(vendor: Vendor, records: list[dict[str, Any]], *, chunk: int) -> list[str]:
@@ -89,7 +75,7 @@ def test_stories_fire_exactly_their_alerts_once_into_the_ehr_and_acknowledging_c
     patients = {key: f"p-{key}-{run}" for key in expected}
     stories = {key: synthetic.generate(key, app_user_id=f"u-{key}-{run}", end=end) for key in expected}
     for key in expected:
-        _enroll(app, vendor, tenant, patients[key], f"u-{key}-{run}")
+        enroll(app, vendor, tenant, patients[key], f"u-{key}-{run}")
         # Different batch sizes: the firings must not depend on how the history arrives.
         statuses = _push(vendor, stories[key], chunk=40 if key in ("safety", "silent") else 500)
         assert set(statuses) == {"accepted"}

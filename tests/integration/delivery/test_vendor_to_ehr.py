@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from fhir_bridge import enrollment, services
+from fhir_bridge import services
 from fhir_bridge.delivery import Worker
 from fhir_bridge.fhir_client import FhirClient
 from mappings.identity import RECORD_IDENTIFIER_SYSTEM
@@ -19,7 +19,7 @@ from tests.conftest import AppFactory
 from tests.integration.delivery.conftest import CLIENT_ID, drain
 from tests.support.outbox_seed import add_tenant, in_ehr
 from tests.support.sekmet import SekmetServer
-from tests.support.vendor import register
+from tests.support.vendor import enroll, register
 
 pytestmark = [pytest.mark.ehr]
 STEPS = "41950-7"
@@ -51,16 +51,7 @@ def test_pushed_records_are_in_the_ehr_once_and_the_vendor_sees_them_delivered(
     add_tenant(svc.db, tenant, smart_ehr.base_url, client_id=CLIENT_ID, quirks=quirks)
     patient = f"p{uuid.uuid4().hex[:12]}"
     vendor = register(app, f"acme-{database}")
-    code = enrollment.create(
-        svc.db,
-        secret=svc.secret_key,
-        tenant_id=tenant,
-        patient_id=patient,
-        vendor_client_id=vendor.client_id,
-        created_by="dr-test",
-        ttl_seconds=600,
-    ).code
-    assert vendor.claim(code, "user-1").status_code == 201
+    enroll(app, vendor, tenant, patient)
 
     records = [
         {"record_id": "phq-1", "app_user_id": "user-1", "measure": "phq9", "data": PHQ9},

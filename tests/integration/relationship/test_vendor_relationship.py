@@ -12,7 +12,7 @@ import pytest
 from flask import Flask
 from sqlalchemy import func, select
 
-from fhir_bridge import enrollment, services
+from fhir_bridge import services
 from fhir_bridge.delivery import Worker
 from fhir_bridge.fhir_client import FhirClient
 from fhir_bridge.relationship import goals, messages, tasks
@@ -23,7 +23,7 @@ from tests.integration.delivery.conftest import CLIENT_ID, drain
 from tests.support.openapi import assert_matches_spec
 from tests.support.outbox_seed import add_tenant
 from tests.support.sekmet import SekmetServer
-from tests.support.vendor import Vendor, register
+from tests.support.vendor import enroll, register
 
 pytestmark = [pytest.mark.ehr]
 
@@ -54,22 +54,6 @@ def _message_count(app: Flask) -> int:
         return int(session.scalar(select(func.count()).select_from(Message)) or 0)
 
 
-def _enrol(app: Flask, tenant: str, patient: str, vendor: Vendor, user: str) -> str:
-    svc = services.from_app(app)
-    code = enrollment.create(
-        svc.db,
-        secret=svc.secret_key,
-        tenant_id=tenant,
-        patient_id=patient,
-        vendor_client_id=vendor.client_id,
-        created_by="dr-test",
-        ttl_seconds=600,
-    ).code
-    claimed = vendor.claim(code, user)
-    assert claimed.status_code == 201, claimed.json
-    return str(claimed.json["id"])
-
-
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_goal_task_message_round_trip_consent_and_end(
     database: str,
@@ -93,7 +77,7 @@ def test_goal_task_message_round_trip_consent_and_end(
     patient = f"p{uuid.uuid4().hex[:12]}"
     vendor = register(app, f"acme-{tenant}")
     other = register(app, f"other-{tenant}")
-    enrollment_id = _enrol(app, tenant, patient, vendor, "user-1")
+    enrollment_id = enroll(app, vendor, tenant, patient, "user-1")
 
     with svc.db.transaction() as session:
         goal = goals.create(

@@ -844,6 +844,31 @@ def vendor_webhook(ctx: Context, client_id: str, url: str | None, remove: bool) 
         click.echo(f"vendor {client_id}: events go to {url}, signed with the keys at {jwks}")
 
 
+@vendor.command("scopes")
+@click.argument("client_id")
+@click.option("--scope", "scopes", multiple=True, help="A scope the vendor may be granted (repeat).")
+@click.option("--all", "all_scopes", is_flag=True, help="Every scope there is (also ones added by upgrades).")
+@pass_ctx
+def vendor_scopes(ctx: Context, client_id: str, scopes: tuple[str, ...], all_scopes: bool) -> None:
+    """Replace the scopes a vendor may be granted (e.g. after an upgrade adds some); README, 'Vendor API'."""
+    from fhir_bridge import vendors
+    from fhir_bridge.errors import BridgeError
+    from fhir_bridge.storage import Database
+
+    if bool(scopes) == all_scopes:
+        raise click.UsageError("give --scope (repeat for several) or --all")
+    database = Database(ctx.settings.effective_database_url)
+    try:
+        view = vendors.set_scopes(
+            database, client_id=client_id, scopes=None if all_scopes else list(scopes), actor=_operator()
+        )
+    except BridgeError as exc:
+        raise _bridge_error(exc) from None
+    finally:
+        database.dispose()
+    click.echo(f"vendor {view.client_id} may be granted: {' '.join(view.scopes)}")
+
+
 @vendor.command("list")
 @pass_ctx
 def vendor_list(ctx: Context) -> None:

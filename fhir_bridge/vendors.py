@@ -193,6 +193,37 @@ def list_all(db: Database) -> list[VendorView]:
         return [_view(v) for v in vendors]
 
 
+def set_scopes(db: Database, *, client_id: str, scopes: Sequence[str] | str | None, actor: str) -> VendorView:
+    """Replace what a vendor may be granted (None: every scope there is, e.g. ones a new release adds).
+
+    Tokens already issued keep their scope until they expire (minutes); new tokens get the new set.
+    """
+    try:
+        granted = parse_scopes(scopes if scopes is not None else DEFAULT_SCOPES)
+    except ValueError as exc:
+        raise BadRequest(str(exc), code="invalid-scope") from None
+    if not granted:
+        raise BadRequest("a vendor needs at least one scope", code="invalid-scope")
+    with db.transaction() as session:
+        vendor = session.execute(
+            select(VendorClient).where(VendorClient.client_id == client_id)
+        ).scalar_one_or_none()
+        if vendor is None:
+            raise NotFound(f"no vendor with client id {client_id!r}", code="vendor-not-found")
+        before = vendor.scopes
+        vendor.scopes = " ".join(granted)
+        if vendor.scopes != before:
+            audit.record(
+                session,
+                actor_type="operator",
+                actor_id=actor,
+                action="vendor.scopes",
+                target=f"vendor/{client_id}",
+                detail={"scopes": vendor.scopes[:200]},
+            )
+        return _view(vendor)
+
+
 def disable(db: Database, *, client_id: str, actor: str) -> VendorView:
     """Stop a vendor at once: its tokens fail on their next use, and it cannot get new ones."""
     with db.transaction() as session:

@@ -58,6 +58,23 @@ def test_add_list_disable(app: Flask, tmp_path: Path) -> None:
 
     vendor = Vendor(app.test_client(), "acme-mood", key)
     assert vendor.token_request(scope="records.write").status_code == 200
+    # Scopes added by an upgrade (issue 10's relationship.read): granted only once hospital IT says so.
+    assert vendor.token_request(scope="relationship.read").status_code == 400
+    widened = runner.invoke(cli, ["vendor", "scopes", "acme-mood", "--all"], env=_env(app))
+    assert widened.exit_code == 0 and "relationship.read" in widened.output, widened.output
+    assert vendor.token_request(scope="relationship.read").status_code == 200
+    narrowed = runner.invoke(
+        cli, ["vendor", "scopes", "acme-mood", "--scope", "records.write"], env=_env(app)
+    )
+    assert narrowed.exit_code == 0 and "granted: records.write" in narrowed.output, narrowed.output
+    assert vendor.token_request(scope="relationship.read").status_code == 400
+    for bad, message in (
+        (["acme-mood", "--scope", "system/*.cruds"], "unknown scope"),
+        (["nobody", "--all"], "no vendor"),
+        (["acme-mood"], "--scope"),
+    ):
+        refused = runner.invoke(cli, ["vendor", "scopes", *bad], env=_env(app))
+        assert refused.exit_code != 0 and message in refused.output, (bad, refused.output)
     disabled = runner.invoke(cli, ["vendor", "disable", "acme-mood"], env=_env(app))
     assert disabled.exit_code == 0 and "acme-mood is disabled" in disabled.output
     assert vendor.token_request(scope="records.write").status_code == 400

@@ -498,11 +498,12 @@ def write_accepted(
         return
     # Core executemany (one round trip per table, no ORM unit-of-work bookkeeping per row).
     connection = session.connection()
+    pks = [uuid.UUID(p.result.id or "") for p in prepared]
     connection.execute(
         insert(RECORDS),
         [
             {
-                "id": uuid.UUID(p.result.id or ""),
+                "id": pk,
                 "submission_id": submission_id,
                 "vendor_id": vendor.id,
                 "vendor_record_id": p.record_id,
@@ -512,7 +513,7 @@ def write_accepted(
                 "created_at": now,
                 "updated_at": now,
             }
-            for p in prepared
+            for p, pk in zip(prepared, pks, strict=True)
         ],
     )
     connection.execute(
@@ -520,7 +521,7 @@ def write_accepted(
         [
             {
                 "tenant_id": p.enrollment.tenant_id,
-                "record_id": uuid.UUID(p.result.id or ""),
+                "record_id": pk,
                 "group_key": group_key or p.result.id,
                 "resource_type": res.resource_type,
                 "ident_system": res.identifier_system,
@@ -532,7 +533,7 @@ def write_accepted(
                 "next_attempt_at": now,
                 "created_at": now,
             }
-            for p in prepared
+            for p, pk in zip(prepared, pks, strict=True)
             for res in p.resources
         ],
     )

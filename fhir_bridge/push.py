@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
-from sqlalchemy import Table, insert, select, text
+from sqlalchemy import Table, bindparam, insert, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -277,6 +277,13 @@ def _data_path(field_name: str) -> str:
     )
 
 
+# Built once: constructing the expression per request was a visible share of a single-record push.
+_EXISTING = select(Record.vendor_record_id, Record.id).where(
+    Record.vendor_id == bindparam("vendor_id"),
+    Record.vendor_record_id.in_(bindparam("ids", expanding=True)),
+)
+
+
 def existing_records(
     session: Session, vendor: VendorClient, record_ids: Iterable[str]
 ) -> dict[str, uuid.UUID]:
@@ -284,11 +291,7 @@ def existing_records(
     found: dict[str, uuid.UUID] = {}
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
-        rows = session.execute(
-            select(Record.vendor_record_id, Record.id).where(
-                Record.vendor_id == vendor.id, Record.vendor_record_id.in_(chunk)
-            )
-        ).all()
+        rows = session.execute(_EXISTING, {"vendor_id": vendor.id, "ids": chunk}).all()
         found.update({rid: pk for rid, pk in rows})
     return found
 
@@ -498,11 +501,12 @@ def write_accepted(
         return
     # Core executemany (one round trip per table, no ORM unit-of-work bookkeeping per row).
     connection = session.connection()
+    pks = [uuid.UUID(p.result.id or "") for p in prepared]
     connection.execute(
         insert(RECORDS),
         [
             {
-                "id": uuid.UUID(p.result.id or ""),
+                "id": pk,
                 "submission_id": submission_id,
                 "vendor_id": vendor.id,
                 "vendor_record_id": p.record_id,
@@ -512,7 +516,7 @@ def write_accepted(
                 "created_at": now,
                 "updated_at": now,
             }
-            for p in prepared
+            for p, pk in zip(prepared, pks, strict=True)
         ],
     )
     connection.execute(
@@ -520,7 +524,7 @@ def write_accepted(
         [
             {
                 "tenant_id": p.enrollment.tenant_id,
-                "record_id": uuid.UUID(p.result.id or ""),
+                "record_id": pk,
                 "group_key": group_key or p.result.id,
                 "resource_type": res.resource_type,
                 "ident_system": res.identifier_system,
@@ -532,7 +536,7 @@ def write_accepted(
                 "next_attempt_at": now,
                 "created_at": now,
             }
-            for p in prepared
+            for p, pk in zip(prepared, pks, strict=True)
             for res in p.resources
         ],
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import tempfile
 from typing import Any
@@ -23,7 +25,37 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
     def load(self) -> Any:
         from fhir_bridge.app import create_app
 
-        return create_app()
+        app = create_app()
+        settle_heap(app)
+        return app
+
+
+# Generation-0 collection threshold for web workers (CPython's default is 700 allocations).
+GC_GEN0_THRESHOLD = 20_000
+
+
+def settle_heap(app: Any) -> None:
+    """Load the mapping catalogue, then take everything alive so far out of the cyclic GC's view.
+
+    Why: a push of 1,000 records allocates tens of thousands of containers that live until the
+    transaction ends, so CPython's default thresholds run a collection every 700 allocations and
+    each older-generation pass walks the whole heap again: the app, SQLAlchemy, ``fhir.resources``
+    and the compiled catalogue. Profiling a batch push showed a third of its CPU in those passes.
+    ``gc.freeze()`` (made for forking servers) moves what exists at startup, which lives as long as
+    the process, out of every future pass; a larger generation-0 threshold lets a batch's short-lived
+    objects die by reference count before a pass starts. Cycles are still collected, just less often.
+    """
+    from fhir_bridge import services
+    from fhir_bridge.catalog import catalog_for
+    from mappings import MappingSpecError
+
+    # A broken catalogue is reported where it is used, as it would be without this warm-up.
+    with app.app_context(), contextlib.suppress(MappingSpecError):
+        catalog_for(services.current().settings)
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
 def run_gunicorn(settings: Settings, *, host: str, port: int, workers: int) -> None:

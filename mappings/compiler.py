@@ -1,11 +1,13 @@
 """Compiling a checked spec into a mapper: everything constant is built and FHIR-validated once, at load.
 
-Per record a mapper only runs the spec's marshmallow schema, fills the varying values (identifier,
-subject, times, numbers, answers) into a pre-serialised skeleton, and evaluates the pre-compiled
-FHIRPath scores. No ``fhir.resources`` model is built on that path: at load, each spec's output for
-sample records at both ends of every range is validated with the R4 models and round-tripped through
-JSON, and the property tests prove the same for generated records. That is what makes mapping run at
-several times the rate full model validation would allow (see ``bench/bench_mapping.py``).
+Per record a mapper only runs the spec's field checks (the schema's own ``_deserialize`` steps
+without marshmallow's bookkeeping; the schema itself only for records that fail, for its messages),
+fills the varying values (identifier, subject, times, numbers, answers) into a pre-serialised
+skeleton, and evaluates the pre-compiled FHIRPath scores. No ``fhir.resources`` model is built on
+that path: at load, each spec's output for sample records at both ends of every range is validated
+with the R4 models and round-tripped through JSON, and the property tests prove the same for
+generated records. That is what makes mapping run at several times the rate full model validation
+would allow (see ``bench/bench_mapping.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from mappings import fhir_models
 from mappings.fhirpath import Evaluator, compile_expression, reference_evaluator
 from mappings.identity import RECORD_IDENTIFIER_SYSTEM, full_url, identifier_value
 from mappings.model import MappedResource, MappingContext, MapResult, Measurement, Rejection
-from mappings.records import observation_schema, questionnaire_schema, rejections
+from mappings.records import FastLoad, fast_loader, observation_schema, questionnaire_schema, rejections
 from mappings.spec import (
     AnswerOption,
     FieldSpec,
@@ -88,6 +90,18 @@ def _mapped(resource: dict[str, Any], value: str, url: str) -> MappedResource:
     return MappedResource(resource["resourceType"], RECORD_IDENTIFIER_SYSTEM, value, url, resource)
 
 
+def _load(schema: Schema, fast: FastLoad | None, data: dict[str, Any]) -> dict[str, Any] | MapResult:
+    """The record's values (the fast path when it passes), or the schema's rejections."""
+    loaded = fast(data) if fast is not None else None
+    if loaded is not None:
+        return loaded
+    try:
+        result: dict[str, Any] = schema.load(data)
+    except ValidationError as exc:
+        return MapResult(rejections=tuple(rejections(exc.messages)))
+    return result
+
+
 class _Mapper:
     spec: Spec
 
@@ -118,6 +132,7 @@ class ObservationMapper(_Mapper):
     def __init__(self, spec: ObservationSpec) -> None:
         self.spec = spec
         self.schema: Schema = observation_schema(spec.id, spec.fields)
+        self._fast_load = fast_loader(self.schema)
         self.fields = {f.name: f for f in spec.fields}
         eff = spec.effective
         if eff.date_time is not None:
@@ -153,10 +168,9 @@ class ObservationMapper(_Mapper):
         self._skeleton = fresh(skeleton)
 
     def map(self, data: dict[str, Any], ctx: MappingContext) -> MapResult:
-        try:
-            loaded = self.schema.load(data)
-        except ValidationError as exc:
-            return MapResult(rejections=tuple(rejections(exc.messages)))
+        loaded = _load(self.schema, self._fast_load, data)
+        if isinstance(loaded, MapResult):
+            return loaded
         values = {k: v for k, v in loaded.items() if v is not None}
         problems = self._cross_check(values)
         if problems:
@@ -235,6 +249,7 @@ class QuestionnaireMapper(_Mapper):
     def __init__(self, spec: QuestionnaireSpec, evaluators: dict[str, Evaluator]) -> None:
         self.spec = spec
         self.schema: Schema = questionnaire_schema(spec)
+        self._fast_load = fast_loader(self.schema)
         self._evaluators = evaluators
         self._canonical = f"{spec.questionnaire.url}|{spec.questionnaire.version}"
         self._category = [c.fhir() for c in spec.category]
@@ -301,10 +316,9 @@ class QuestionnaireMapper(_Mapper):
         return skeleton
 
     def map(self, data: dict[str, Any], ctx: MappingContext) -> MapResult:
-        try:
-            loaded = self.schema.load(data)
-        except ValidationError as exc:
-            return MapResult(rejections=tuple(rejections(exc.messages)))
+        loaded = _load(self.schema, self._fast_load, data)
+        if isinstance(loaded, MapResult):
+            return loaded
         answers = {k: v for k, v in loaded["answers"].items() if v is not None}
         return self.build(loaded["authored"], answers, ctx)
 

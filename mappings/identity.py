@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from functools import lru_cache
 from typing import Any
 
 from mappings.model import MappedResource
@@ -61,8 +62,12 @@ def device_identifier_value(vendor_id: str) -> str:
     return _digest("app", vendor_id)
 
 
+@lru_cache(maxsize=1024)
 def device_full_url(vendor_id: str) -> str:
-    """The full URL every mapped resource of this vendor references its app ``Device`` by."""
+    """The full URL every mapped resource of this vendor references its app ``Device`` by.
+
+    Cached: the push path asks for it once per record, and it depends on the vendor alone.
+    """
     return full_url(DEVICE_IDENTIFIER_SYSTEM, device_identifier_value(vendor_id))
 
 

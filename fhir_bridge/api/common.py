@@ -208,8 +208,8 @@ def read_json(*media_types: str) -> Any:
             "The body holds a number outside the range JSON numbers may have here.",
             code="invalid-json-number",
         )
-    if not _depth_ok(value, MAX_DEPTH):
-        raise BadRequest(f"The JSON is nested deeper than {MAX_DEPTH} levels.", code="json-too-deep")
+    # No second depth check: both parsers accepted the same text, so ``value`` nests exactly as
+    # ``shape`` did, which passed above (walking a 1,000-record batch twice cost ~3 % of a push).
     return value
 
 

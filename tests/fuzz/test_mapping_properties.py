@@ -16,10 +16,12 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from marshmallow import ValidationError
 
 from mappings import MappingContext, load_catalog
 from mappings.fhir_models import validate_resource
 from mappings.identity import device_full_url
+from mappings.records import RECORD_CONTEXT
 from mappings.spec import FieldSpec, ObservationSpec, QuestionnaireSpec
 from mappings.units import UNITS, convert
 
@@ -318,3 +320,41 @@ def test_full_urls_are_standard_uuid5(system: str, value: str) -> None:
 
     expected = uuid.uuid5(uuid.uuid5(uuid.NAMESPACE_URL, CANONICAL), system + "|" + value)
     assert full_url(system, value) == f"urn:uuid:{expected}"
+
+
+def _load_both(measure: str, record: Any) -> tuple[Any, Any]:
+    """(the fast loader's result, ``schema.load``'s result or "rejected"), under the record context."""
+    mapper = CATALOG._mappers[measure]
+    fast = mapper._fast_load  # type: ignore[attr-defined]
+    assert fast is not None, f"{measure}: the compiled schema has no fast loader"
+    with RECORD_CONTEXT({"latest": RECEIVED + CATALOG.future_tolerance}):
+        quick = fast(record)
+        try:
+            slow = mapper.schema.load(record)  # type: ignore[attr-defined]
+        except ValidationError:
+            slow = "rejected"
+    return quick, slow
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+@SETTINGS
+@given(data=st.data())
+def test_fast_data_loader_equals_the_schema(measure: str, data: st.DataObject) -> None:
+    """Valid records load to the very values the schema gives; anything else falls back to the schema."""
+    record = data.draw(
+        valid_record(measure) | invalid_record(measure) | st.dictionaries(st.text(max_size=8), json_values)
+    )
+    quick, slow = _load_both(measure, record)
+    if slow == "rejected":
+        assert quick is None, record
+    else:
+        assert quick == slow, record
+        assert [type(v) for v in quick.values()] == [type(v) for v in slow.values()]
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+@SETTINGS
+@given(data=st.data())
+def test_valid_records_take_the_fast_path(measure: str, data: st.DataObject) -> None:
+    quick, slow = _load_both(measure, data.draw(valid_record(measure)))
+    assert quick is not None and quick == slow

@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
 
 from sqlalchemy import bindparam, select, tuple_, union
@@ -211,15 +211,19 @@ def on_accepted(
     *,
     open_tasks: Sequence[CareTask],
     live_goals: list[Goal],
-    measures: set[str],
+    measures: dict[str, list[str | None]],
     resources: list[dict[str, Any]],
     now: datetime,
 ) -> None:
-    """Records of ``measures`` were accepted for one patient: complete that patient's matching open
-    tasks and note the values on their measurable goals."""
+    """Records of ``measures`` (each with the times its data is from, None where unknown) were accepted
+    for one patient: complete that patient's matching open tasks and note the values on their
+    measurable goals. Only data from after the task was assigned completes it: an app sending its
+    history (or a late sync of last month's questionnaire) has not done what was asked."""
     for task in open_tasks:
         measure = MEASURES.get(task.measure or "")
         if measure is None or measure.catalog_measure not in measures:
+            continue
+        if not any(_after_assignment(when, task.created_at) for when in measures[measure.catalog_measure]):
             continue
         task.status, task.completed_at, task.updated_at = "completed", now, now
         _queue(session, task, now)
@@ -236,6 +240,35 @@ def on_accepted(
         )
     for goal in progress.note_accepted(live_goals, resources, now):
         _goal_changed(session, goal, now)
+
+
+# Clocks of phones and servers differ: data stamped this much before the assignment still counts.
+CLOCK_SKEW = timedelta(minutes=5)
+
+
+def _after_assignment(when: str | None, assigned_at: datetime) -> bool:
+    """Whether data from ``when`` (a FHIR date or dateTime; None when unknown) is newer than the task.
+
+    A date without a time (daily steps) counts from the day of the assignment on.
+    """
+    if not when:
+        return True
+    assigned = assigned_at if assigned_at.tzinfo else assigned_at.replace(tzinfo=UTC)
+    try:
+        if len(when) <= 10:
+            return date.fromisoformat(when) >= assigned.date()
+        moment = datetime.fromisoformat(when)
+    except ValueError:
+        return True  # mapped resources carry valid FHIR times; never block a task on our parsing
+    moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return moment >= assigned - CLOCK_SKEW
+
+
+def _effective(resource: dict[str, Any]) -> str | None:
+    """When a mapped resource's data is from: effective[x] (the period's start) or authored."""
+    period = resource.get("effectivePeriod")
+    value = resource.get("effectiveDateTime") or (period or {}).get("start") or resource.get("authored")
+    return str(value) if value else None
 
 
 def _goal_changed(session: Session, goal: Goal, now: datetime) -> None:
@@ -305,15 +338,17 @@ def on_push(session: Session, prepared: Sequence[_Accepted], now: datetime) -> N
             )
         )
     for key in sorted(set(tasks_of) | set(goals_of)):
-        measures: set[str] = set()
+        measures: dict[str, list[str | None]] = defaultdict(list)
         resources: list[dict[str, Any]] = []
         for item in prepared:
             if (item.enrollment.tenant_id, item.enrollment.patient_id) != key:
                 continue
-            measures.add(item.measure)
+            when = _effective(item.resources[0].resource) if item.resources else None
+            measures[item.measure].append(when)
             for mapped in item.resources:
                 resources.append(mapped.resource)
-                measures.update(_measures_in(mapped.resource))
+                for found in _measures_in(mapped.resource):
+                    measures[found].append(_effective(mapped.resource))
         on_accepted(
             session,
             open_tasks=tasks_of[key],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -33,13 +34,21 @@ pytestmark = [pytest.mark.browser, pytest.mark.ehr]
 
 # sekmet ignores Goal and QuestionnaireResponse search filters (docs/ehr-vendors.md): PUT by identifier.
 QUIRKS = {"no_conditional_create": ["QuestionnaireResponse", "Goal"]}
-PHQ9 = {
-    "authored": "2026-11-20T08:30:00Z",
-    "answers": {
-        "item1": 1, "item2": 1, "item3": "LA6569-3", "item4": 1, "item5": 0,
-        "item6": 1, "item7": 1, "item8": 0, "item9": 0, "difficulty": "LA6573-5",
-    },
-}  # fmt: skip
+
+
+def phq9_record(record_id: str, app_user_id: str) -> dict[str, object]:
+    return {"record_id": record_id, "app_user_id": app_user_id, "measure": "phq9", "data": phq9_now()}
+
+
+def phq9_now() -> dict[str, object]:
+    """A PHQ-9 filled in now: only data from after a task was assigned completes it."""
+    return {
+        "authored": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "answers": {
+            "item1": 1, "item2": 1, "item3": "LA6569-3", "item4": 1, "item5": 0,
+            "item6": 1, "item7": 1, "item8": 0, "item9": 0, "difficulty": "LA6573-5",
+        },
+    }  # fmt: skip
 
 
 @pytest.fixture
@@ -159,9 +168,7 @@ def test_clinician_and_app_close_the_loop(
         # The app submits the PHQ-9 (total 6) and a reply.
         pushed = vendor.post(
             "/api/v1/records",
-            json={
-                "records": [{"record_id": "phq-e2e", "app_user_id": "sam-1", "measure": "phq9", "data": PHQ9}]
-            },
+            json={"records": [phq9_record("phq-e2e", "sam-1")]},
         )
         assert pushed.json["results"][0]["status"] == "accepted", pushed.json
         reply = vendor.post(

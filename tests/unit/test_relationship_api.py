@@ -3,6 +3,8 @@ between vendors and from ended enrollments (status and nothing stored)."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
 from flask import Flask
 from sqlalchemy import func, select
@@ -155,7 +157,8 @@ def test_vendors_sharing_a_patient_see_the_care_team_but_not_each_others_message
     assert stored(app) == before
 
 
-STEPS_RECORD = {"date": "2026-11-20", "steps": 7200}
+TODAY = datetime.now(UTC).date()
+STEPS_RECORD = {"date": TODAY.isoformat(), "steps": 7200}
 APP_USERS = "https://fhir-bridge.org/fhir/sid/app-user/acme-mood"
 
 
@@ -196,7 +199,7 @@ def test_data_completes_only_its_patients_matching_tasks_and_moves_their_goals(a
     later = vendor.post(
         "/api/v1/records",
         json={"records": [{"record_id": "s-2", "app_user_id": "user-1", "measure": "steps-daily",
-                           "data": {"date": "2026-11-21", "steps": 4000}}]},
+                           "data": {"date": TODAY.isoformat(), "steps": 4000}}]},
     )  # fmt: skip
     assert later.json["results"][0]["status"] == "accepted"
     (changed,) = vendor.get(f"/api/v1/goals?app_user_id=user-1&after={page['next']}").json["items"]
@@ -206,6 +209,25 @@ def test_data_completes_only_its_patients_matching_tasks_and_moves_their_goals(a
     progress = {g["app_user_id"]: g["progress"] for g in vendor.get("/api/v1/goals").json["items"]}
     assert progress["user-1"]["latest"] == 4000 and progress["user-1"]["met"] is False
     assert progress["user-2"] == {"latest": None, "at": None, "met": False}
+
+
+def test_data_from_before_the_assignment_does_not_complete_a_task(app: Flask) -> None:
+    """An app sending its history (last week's steps, a late sync) has not done what was just asked."""
+    vendor = register(app, "acme-mood")
+    enrol(app, vendor, "pat-1", "user-1")
+    with services.from_app(app).db.transaction() as session:
+        tasks.assign(session, tenant_id="general", patient_id="pat-1", actor="dr", kind="check-in",
+                     measure="steps", title=None, due=None)  # fmt: skip
+    week_ago = (TODAY - timedelta(days=7)).isoformat()
+    old = {"record_id": "old-1", "app_user_id": "user-1", "measure": "steps-daily",
+           "data": {"date": week_ago, "steps": 5000}}  # fmt: skip
+    assert vendor.post("/api/v1/records", json={"records": [old]}).json["results"][0]["status"] == "accepted"
+    (task,) = vendor.get("/api/v1/tasks").json["items"]
+    assert task["status"] == "requested"
+    new = {"record_id": "new-1", "app_user_id": "user-1", "measure": "steps-daily", "data": STEPS_RECORD}
+    assert vendor.post("/api/v1/records", json={"records": [new]}).json["results"][0]["status"] == "accepted"
+    (task,) = vendor.get("/api/v1/tasks").json["items"]
+    assert task["status"] == "completed"
 
 
 def test_a_fhir_pushed_observation_completes_a_check_in_too(app: Flask) -> None:
@@ -222,7 +244,7 @@ def test_a_fhir_pushed_observation_completes_a_check_in_too(app: Flask) -> None:
         "status": "final",
         "code": {"coding": [{"system": "http://loinc.org", "code": "41950-7"}]},
         "subject": {"identifier": {"system": APP_USERS, "value": "user-1"}},
-        "effectiveDateTime": "2026-11-20",
+        "effectiveDateTime": TODAY.isoformat(),
         "valueQuantity": {"value": 8042, "unit": "/d", "system": "http://unitsofmeasure.org", "code": "/d"},
     }  # fmt: skip
     response = vendor.client.post(

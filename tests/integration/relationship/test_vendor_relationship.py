@@ -6,6 +6,7 @@ Another vendor never reads or posts for these app users."""
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -30,13 +31,21 @@ pytestmark = [pytest.mark.ehr]
 # sekmet ignores Goal and QuestionnaireResponse search filters, so conditional writes on them cannot
 # work there: those types go by PUT to the identifier value (docs/ehr-vendors.md).
 QUIRKS = {"no_conditional_create": ["QuestionnaireResponse", "Goal"]}
-PHQ9 = {
-    "authored": "2026-11-20T08:30:00Z",
-    "answers": {
-        "item1": 1, "item2": 1, "item3": "LA6569-3", "item4": 1, "item5": 0,
-        "item6": 1, "item7": 1, "item8": 0, "item9": 0, "difficulty": "LA6573-5",
-    },
-}  # fmt: skip
+
+
+def phq9_record(record_id: str, app_user_id: str) -> dict[str, object]:
+    return {"record_id": record_id, "app_user_id": app_user_id, "measure": "phq9", "data": phq9_now()}
+
+
+def phq9_now() -> dict[str, object]:
+    """A PHQ-9 filled in now: only data from after a task was assigned completes it."""
+    return {
+        "authored": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "answers": {
+            "item1": 1, "item2": 1, "item3": "LA6569-3", "item4": 1, "item5": 0,
+            "item6": 1, "item7": 1, "item8": 0, "item9": 0, "difficulty": "LA6573-5",
+        },
+    }  # fmt: skip
 
 
 def _by_identifier(reader: FhirClient, resource_type: str, system: str, value: str) -> list[dict[str, Any]]:
@@ -118,7 +127,7 @@ def test_goal_task_message_round_trip_consent_and_end(
     # The app submits the PHQ-9 (total 6) and replies.
     pushed = vendor.post(
         "/api/v1/records",
-        json={"records": [{"record_id": "phq-1", "app_user_id": "user-1", "measure": "phq9", "data": PHQ9}]},
+        json={"records": [phq9_record("phq-1", "user-1")]},
     )
     assert pushed.json["results"][0]["status"] == "accepted", pushed.json
     reply = vendor.post(
@@ -189,7 +198,7 @@ def test_goal_task_message_round_trip_consent_and_end(
     assert late.status_code == 404
     push = vendor.post(
         "/api/v1/records",
-        json={"records": [{"record_id": "phq-2", "app_user_id": "user-1", "measure": "phq9", "data": PHQ9}]},
+        json={"records": [phq9_record("phq-2", "user-1")]},
     )
     assert push.json["results"][0]["status"] == "rejected"
     assert (_outbox_count(app), _message_count(app)) == before

@@ -215,7 +215,12 @@ def replay(session: Session, vendor: VendorClient, key: str, body_hash: str) -> 
             code="idempotency-key-reused",
         )
     assert previous.response_status is not None and previous.response_body is not None
-    return Outcome(previous.response_status, previous.response_body, replayed=True)
+    return Outcome(
+        previous.response_status,
+        previous.response_body,
+        replayed=True,
+        headers=dict(previous.response_headers or {}),
+    )
 
 
 class Mapper:
@@ -381,6 +386,7 @@ def _submit_once(
                 rejected_count=done.counts.get("rejected", 0),
                 response_status=done.status,
                 response_body=response_body,
+                response_headers=dict(done.extra_headers) if key is not None and done.extra_headers else None,
             )
         )
         session.flush()

@@ -226,6 +226,8 @@ class Submission(Base):
     rejected_count: Mapped[int] = mapped_column(Integer, default=0)
     response_status: Mapped[int | None] = mapped_column(SmallInteger)
     response_body: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # The first response's own headers (Location, X-Submission-Id), replayed with its body.
+    response_headers: Mapped[dict[str, str] | None] = mapped_column(JSON)
 
 
 class Record(Base):

@@ -60,9 +60,11 @@ def vendor(app: Flask) -> Vendor:
     return vendor
 
 
-def fhir_post(vendor: Vendor, path: str, body: Any) -> Any:
+def fhir_post(vendor: Vendor, path: str, body: Any, headers: dict[str, str] | None = None) -> Any:
     return vendor.client.post(
-        path, data=json.dumps(body), headers=vendor.headers(**{"Content-Type": "application/fhir+json"})
+        path,
+        data=json.dumps(body),
+        headers=vendor.headers(**{"Content-Type": "application/fhir+json", **(headers or {})}),
     )
 
 
@@ -110,6 +112,20 @@ def test_observation_is_stamped_queued_and_deduplicated(app: Flask, vendor: Vend
     assert again.status_code == 200
     assert again.json["issue"][0]["code"] == "duplicate"
     assert again.headers["Location"] == response.headers["Location"]
+    assert stored(app)[1:] == (1, 1)
+
+
+def test_a_replay_with_the_same_idempotency_key_answers_with_the_first_responses_headers(
+    app: Flask, vendor: Vendor
+) -> None:
+    headers = {"Idempotency-Key": "obs-k-1"}
+    first = fhir_post(vendor, "/fhir/Observation", obs(), headers=headers)
+    assert first.status_code == 201, first.json
+    again = fhir_post(vendor, "/fhir/Observation", obs(), headers=headers)
+    assert again.status_code == 201 and again.json == first.json
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.headers["Location"] == first.headers["Location"]
+    assert again.headers["X-Submission-Id"] == first.headers["X-Submission-Id"]
     assert stored(app)[1:] == (1, 1)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -27,28 +26,13 @@ from tests.support.browser import axe_violations, chromium_context, require_chro
 from tests.support.procs import free_port
 from tests.support.sekmet import SekmetServer
 from tests.support.smart_seed import ThreadedServer, put_patient, seed_launch
-from tests.support.vendor import register
+from tests.support.vendor import phq9_record, register
 from tests.support.webhook_receiver import Receiver, verify_webhook
 
 pytestmark = [pytest.mark.browser, pytest.mark.ehr]
 
 # sekmet ignores Goal and QuestionnaireResponse search filters (docs/ehr-vendors.md): PUT by identifier.
 QUIRKS = {"no_conditional_create": ["QuestionnaireResponse", "Goal"]}
-
-
-def phq9_record(record_id: str, app_user_id: str) -> dict[str, object]:
-    return {"record_id": record_id, "app_user_id": app_user_id, "measure": "phq9", "data": phq9_now()}
-
-
-def phq9_now() -> dict[str, object]:
-    """A PHQ-9 filled in now: only data from after a task was assigned completes it."""
-    return {
-        "authored": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        "answers": {
-            "item1": 1, "item2": 1, "item3": "LA6569-3", "item4": 1, "item5": 0,
-            "item6": 1, "item7": 1, "item8": 0, "item9": 0, "difficulty": "LA6573-5",
-        },
-    }  # fmt: skip
 
 
 @pytest.fixture

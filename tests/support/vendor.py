@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from flask.testing import FlaskClient
@@ -184,3 +185,18 @@ def enroll(app: Any, vendor: Vendor, tenant: str, patient: str, app_user: str = 
     claimed = vendor.claim(code, app_user)
     assert claimed.status_code == 201, claimed.json
     return str(claimed.json["id"])
+
+
+def phq9_record(record_id: str, app_user_id: str) -> dict[str, object]:
+    return {"record_id": record_id, "app_user_id": app_user_id, "measure": "phq9", "data": phq9_now()}
+
+
+def phq9_now() -> dict[str, object]:
+    """A PHQ-9 filled in now: only data from after a task was assigned completes it."""
+    return {
+        "authored": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "answers": {
+            "item1": 1, "item2": 1, "item3": "LA6569-3", "item4": 1, "item5": 0,
+            "item6": 1, "item7": 1, "item8": 0, "item9": 0, "difficulty": "LA6573-5",
+        },
+    }  # fmt: skip

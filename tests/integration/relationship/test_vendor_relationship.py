@@ -6,7 +6,6 @@ Another vendor never reads or posts for these app users."""
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -24,28 +23,13 @@ from tests.integration.delivery.conftest import CLIENT_ID, drain
 from tests.support.openapi import assert_matches_spec
 from tests.support.outbox_seed import add_tenant
 from tests.support.sekmet import SekmetServer
-from tests.support.vendor import enroll, register
+from tests.support.vendor import enroll, phq9_record, register
 
 pytestmark = [pytest.mark.ehr]
 
 # sekmet ignores Goal and QuestionnaireResponse search filters, so conditional writes on them cannot
 # work there: those types go by PUT to the identifier value (docs/ehr-vendors.md).
 QUIRKS = {"no_conditional_create": ["QuestionnaireResponse", "Goal"]}
-
-
-def phq9_record(record_id: str, app_user_id: str) -> dict[str, object]:
-    return {"record_id": record_id, "app_user_id": app_user_id, "measure": "phq9", "data": phq9_now()}
-
-
-def phq9_now() -> dict[str, object]:
-    """A PHQ-9 filled in now: only data from after a task was assigned completes it."""
-    return {
-        "authored": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        "answers": {
-            "item1": 1, "item2": 1, "item3": "LA6569-3", "item4": 1, "item5": 0,
-            "item6": 1, "item7": 1, "item8": 0, "item9": 0, "difficulty": "LA6573-5",
-        },
-    }  # fmt: skip
 
 
 def _by_identifier(reader: FhirClient, resource_type: str, system: str, value: str) -> list[dict[str, Any]]:

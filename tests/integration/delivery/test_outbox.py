@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections import defaultdict
 from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from fhir_bridge.delivery import outbox
 from fhir_bridge.delivery.outbox import Result
@@ -96,9 +97,26 @@ def test_concurrent_claimers_never_share_an_item(make_services: ServicesFactory,
     groups = groups_of(db, "t1")
     claimed: dict[str, list[int]] = defaultdict(list)
 
+    def unclaimed() -> bool:
+        with db.sessions() as session:
+            return bool(
+                session.scalar(
+                    select(func.count()).select_from(OutboxItem).where(OutboxItem.leased_by.is_(None))
+                )
+            )
+
     def claimer(name: str) -> None:
-        while batch := outbox.claim(db, worker=name, limit=7, lease_seconds=60, tenants=["t1"]).items:
+        # An empty claim is not the end: on PostgreSQL two claimers that each locked part of one group
+        # both leave it (neither may split it) and a worker takes it at its next poll. So poll until
+        # every item is leased, as the worker does.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            batch = outbox.claim(db, worker=name, limit=7, lease_seconds=60, tenants=["t1"]).items
             claimed[name] += [i.id for i in batch]
+            if not batch:
+                if not unclaimed():
+                    return
+                time.sleep(0.01)
 
     threads = [threading.Thread(target=claimer, args=(f"w{n}",)) for n in range(4)]
     for thread in threads:

@@ -82,7 +82,8 @@ def purge_outbox(services: Services) -> object:
 
 def scheduled_rules(services: Services) -> object:
     """Absence-of-data rules (e.g. disengagement). The engine keeps its own last run, so the rules'
-    interval (``RULES_SCHEDULE_SECONDS``) holds whatever the scheduler's tick is."""
+    interval (``RULES_SCHEDULE_SECONDS``) holds whatever the scheduler's tick is: ``{"count": alerts
+    fired}`` when they ran, ``{}`` when they were not due."""
     from fhir_bridge.rules import engine
 
     settings = services.settings
@@ -92,7 +93,7 @@ def scheduled_rules(services: Services) -> object:
         interval_seconds=settings.rules_schedule_seconds,
         rules_dir=settings.rules_dir,
     )
-    return {"count": fired or 0}
+    return {} if fired is None else {"count": fired}
 
 
 def default_jobs() -> list[Job]:

@@ -37,7 +37,6 @@ from fhir_bridge.delivery.tenants import TenantDirectory, TenantRuntime
 from fhir_bridge.delivery.writers import Group, Written, make_outcome, make_writer
 from fhir_bridge.ops import metrics
 from fhir_bridge.relationship import webhooks
-from fhir_bridge.rules import engine as rules_engine
 from fhir_bridge.services import Services
 from fhir_bridge.storage.models import utcnow
 from mappings import MappedResource
@@ -162,19 +161,6 @@ class Worker:
         for tenant_id, items in claim.by_tenant().items():
             self._deliver(claim, tenant_id, items)
         return len(claim.items)
-
-    def run_scheduled_rules(self) -> int | None:
-        """Schedule rules (absence of data), when due; one worker at a time (see fhir_bridge.rules).
-
-        In a running worker the scheduler thread (:mod:`fhir_bridge.scheduler`) calls the same engine
-        function; this is for callers that drive a worker by hand (tests, the embedded worker)."""
-        settings = self.services.settings
-        return rules_engine.maybe_run_scheduled(
-            self.db,
-            holder=self.name,
-            interval_seconds=settings.rules_schedule_seconds,
-            rules_dir=settings.rules_dir,
-        )
 
     def _deliver(self, claim: Claim, tenant_id: str, items: list[Item]) -> None:
         runtime = self.directory.get(tenant_id)

@@ -6,8 +6,9 @@
   in the outbox, and the data that caused it commit together or not at all; a replayed push adds no
   measurement (its records are duplicates) and so fires nothing.
 * :func:`run_scheduled_rules` evaluates ``trigger: schedule`` rules (absence of data) as of now, for
-  every active enrollment; the worker calls it through :func:`maybe_run_scheduled`, which makes sure
-  one worker at a time runs it, at most once per ``RULES_SCHEDULE_SECONDS``.
+  every active enrollment; the scheduler (:mod:`fhir_bridge.scheduler`) calls it through
+  :func:`maybe_run_scheduled`, which makes sure one worker at a time runs it, at most once per
+  ``RULES_SCHEDULE_SECONDS``.
 * An alert is one *episode*: while it is open, or while its condition has held at every evaluation
   since it fired, the rule does not fire again for that patient. The database enforces at most one
   open alert per (tenant, patient, rule).

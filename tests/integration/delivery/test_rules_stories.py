@@ -14,7 +14,7 @@ import pytest
 from flask import Flask
 from sqlalchemy import func, select
 
-from fhir_bridge import services
+from fhir_bridge import scheduler, services
 from fhir_bridge.delivery import Worker
 from fhir_bridge.fhir_client import FhirClient
 from fhir_bridge.rules import engine
@@ -81,8 +81,8 @@ def test_stories_fire_exactly_their_alerts_once_into_the_ehr_and_acknowledging_c
         assert set(statuses) == {"accepted"}
 
     worker = Worker(svc)
-    assert worker.run_scheduled_rules() == 1  # the silent story: disengagement
-    assert worker.run_scheduled_rules() is None  # not due again yet
+    assert scheduler.scheduled_rules(svc) == {"count": 1}  # the silent story: disengagement
+    assert scheduler.scheduled_rules(svc) == {}  # not due again yet
     drain(worker, tenant)
     with svc.db.transaction() as session:
         dead = session.scalars(

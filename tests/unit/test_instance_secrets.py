@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import stat
 from pathlib import Path
@@ -11,17 +12,16 @@ from cryptography.fernet import Fernet
 from fhir_bridge.instance import read_or_create_secret
 
 
-def _read(path: str) -> str:
-    return read_or_create_secret(Path(path), kind="fernet")
-
-
 def test_processes_starting_together_get_the_same_complete_secret(tmp_path: Path) -> None:
     # Web and worker processes start at once on a fresh install; a worker once read an empty key file
     # created, but not yet written, by another ("at least one data key is required").
-    with multiprocessing.get_context("fork").Pool(8) as pool:
+    # Spawned, not forked: forking the threaded pytest process can leave a child stuck on a lock another
+    # thread held at the fork (seen in CI: the pool never returned).
+    read = functools.partial(read_or_create_secret, kind="fernet")
+    with multiprocessing.get_context("spawn").Pool(8) as pool:
         for attempt in range(20):
             path = tmp_path / f"data_key_{attempt}"
-            values = pool.map(_read, [str(path)] * 16)
+            values = pool.map(read, [path] * 16)
             assert len(set(values)) == 1, values
             (value,) = set(values)
             Fernet(value.encode())  # a whole, valid key

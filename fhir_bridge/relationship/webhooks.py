@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import requests
 from joserfc import jwt
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from auth.backend import UnsafeUrlError, is_loopback, require_secure_url
 from auth.jwks_fetch import system_resolver
@@ -225,4 +225,98 @@ def _post(
     return response.status_code
 
 
-__all__ = ["claim", "deliver_due", "set_url", "sign"]
+# -- what hospital IT sees and does (``fhir-bridge webhooks``) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class VendorQueue:
+    client_id: str
+    counts: dict[str, int]  # by status: pending, delivered, dead, dropped
+    oldest_pending: datetime | None
+
+
+@dataclass(frozen=True)
+class DeadEvent:
+    id: int
+    client_id: str
+    kind: str
+    attempts: int
+    last_status: int | None
+    created_at: datetime
+
+
+def status(db: Database, *, client_id: str | None = None) -> list[VendorQueue]:
+    """Events per vendor and status, with the age of the oldest one still waiting."""
+    query = (
+        select(
+            VendorClient.client_id,
+            WebhookEvent.status,
+            func.count(),
+            func.min(WebhookEvent.created_at).filter(WebhookEvent.status == "pending"),
+        )
+        .join(VendorClient, VendorClient.id == WebhookEvent.vendor_id)
+        .group_by(VendorClient.client_id, WebhookEvent.status)
+        .order_by(VendorClient.client_id)
+    )
+    if client_id is not None:
+        query = query.where(VendorClient.client_id == client_id)
+    queues: dict[str, VendorQueue] = {}
+    with db.sessions() as session:
+        for vendor, state, count, oldest in session.execute(query):
+            queue = queues.setdefault(vendor, VendorQueue(vendor, {}, None))
+            queue.counts[state] = count
+            if oldest is not None:
+                queues[vendor] = VendorQueue(vendor, queue.counts, oldest)
+    return list(queues.values())
+
+
+def dead_events(db: Database, *, client_id: str | None = None, limit: int = 10) -> list[DeadEvent]:
+    """The newest events the worker gave up on (the vendor's endpoint kept failing)."""
+    query = (
+        select(WebhookEvent, VendorClient.client_id)
+        .join(VendorClient, VendorClient.id == WebhookEvent.vendor_id)
+        .where(WebhookEvent.status == "dead")
+        .order_by(WebhookEvent.id.desc())
+        .limit(limit)
+    )
+    if client_id is not None:
+        query = query.where(VendorClient.client_id == client_id)
+    with db.sessions() as session:
+        return [
+            DeadEvent(e.id, vendor, e.kind, e.attempts, e.last_status, e.created_at)
+            for e, vendor in session.execute(query)
+        ]
+
+
+def retry_dead(
+    db: Database, *, actor: str, client_id: str | None = None, event_ids: tuple[int, ...] = ()
+) -> int:
+    """Send dead events again with a fresh attempt budget, same event id (the vendor dedupes on it).
+
+    For when a vendor's endpoint was down longer than the retries lasted and is back. An event whose
+    enrollment has ended since is still dropped unsent.
+    """
+    query = update(WebhookEvent).where(WebhookEvent.status == "dead")
+    if client_id is not None:
+        vendor_ids = select(VendorClient.id).where(VendorClient.client_id == client_id)
+        query = query.where(WebhookEvent.vendor_id.in_(vendor_ids.scalar_subquery()))
+    if event_ids:
+        query = query.where(WebhookEvent.id.in_(event_ids))
+    with db.transaction() as session:
+        result: Any = session.execute(
+            query.values(status="pending", attempts=0, next_attempt_at=utcnow(), last_status=None)
+        )
+        count = int(result.rowcount)
+        if count:
+            audit.record(
+                session,
+                actor_type="operator",
+                actor_id=actor,
+                action="webhooks.retry",
+                target=f"vendor/{client_id}" if client_id else None,
+                detail={"count": count},
+            )
+    return count
+
+
+__all__ = ["claim", "dead_events", "deliver_due", "retry_dead", "set_url", "sign", "status"]

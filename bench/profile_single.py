@@ -1,0 +1,117 @@
+"""CPU per single-record push, in process: the Flask test client, real token auth, a real database.
+
+Builds an app on SQLite (or PostgreSQL with ``--pg``, a throwaway cluster), registers a vendor,
+enrolls one app user, then pushes ``--count`` single-record batches and prints the CPU milliseconds
+per request (``time.process_time``: the database server's own CPU is not counted, only this
+process's). ``--profile`` prints the top of a cProfile of the same loop.
+
+    python -m bench.profile_single [--count N] [--pg] [--profile] [--sort cumulative|tottime]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile_single")
+    parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--pg", action="store_true")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--sort", default="tottime")
+    parser.add_argument("--top", type=int, default=45)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+
+    from auth.keys import Keyring
+    from fhir_bridge import create_app, services
+    from fhir_bridge.settings import load_settings
+    from fhir_bridge.storage import Database, migrate
+    from tests.support.vendor import add_tenant, enroll, register
+
+    workdir = Path(tempfile.mkdtemp(prefix="profile-single-"))
+    pg = None
+    try:
+        if args.pg:
+            from tests.support.postgres import PostgresServer, find_bin_dir
+
+            bin_dir = find_bin_dir()
+            assert bin_dir is not None, "PostgreSQL is not installed"
+            pg = PostgresServer(bin_dir)
+            pg.start()
+            url = pg.create_database()
+        else:
+            url = f"sqlite:///{workdir / 'p.db'}"
+        Keyring(workdir / "keys").ensure()
+        config = {
+            "INSTANCE_PATH": str(workdir / "instance"),
+            "KEYS_DIR": str(workdir / "keys"),
+            "DATABASE_URL": url,
+            "LOG_LEVEL": "WARNING",
+            "METRICS_ENABLED": "false",
+        }
+        settings = load_settings(config, environ={})
+        db = Database(settings.effective_database_url)
+        migrate.upgrade(db)
+        db.dispose()
+        app = create_app(config)
+        add_tenant(services.from_app(app).db)
+        vendor = register(app, "bench-vendor", alg="ES384")
+        enroll(app, vendor, "general", "pat-1", "bench-user")
+        headers = vendor.headers(**{"Content-Type": "application/json"})
+        client = app.test_client()
+
+        def body(n: int) -> bytes:
+            return orjson.dumps(
+                {
+                    "records": [
+                        {
+                            "record_id": f"r-{n}",
+                            "app_user_id": "bench-user",
+                            "measure": "steps-daily",
+                            "data": {"date": f"2025-{1 + n % 12:02d}-{1 + n % 28:02d}", "steps": 1000 + n % 9000},
+                        }
+                    ]
+                }
+            )
+
+        def run(start: int, count: int) -> float:
+            bodies = [body(start + n) for n in range(count)]
+            began = time.process_time()
+            for data in bodies:
+                response = client.post("/api/v1/records", data=data, headers=headers)
+                assert response.status_code == 200, response.data
+                assert b'"status":"accepted"' in response.data, response.data
+            return time.process_time() - began
+
+        run(0, 200)  # warm-up: the catalogue, prepared statements, the token
+        if args.profile:
+            profiler = cProfile.Profile()
+            profiler.enable()
+            spent = run(1_000_000, args.count)
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats(args.sort).print_stats(args.top)
+        else:
+            spent = run(1_000_000, args.count)
+        backend = "PostgreSQL" if args.pg else "SQLite"
+        print(f"{backend}: {args.count} single-record pushes, {spent / args.count * 1000:.3f} ms CPU each")
+        return 0
+    finally:
+        if pg is not None:
+            pg.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

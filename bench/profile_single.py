@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--sort", default="tottime")
     parser.add_argument("--top", type=int, default=45)
+    parser.add_argument("--callees", default="", help="print what functions matching this call")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                             "record_id": f"r-{n}",
                             "app_user_id": "bench-user",
                             "measure": "steps-daily",
-                            "data": {"date": f"2025-{1 + n % 12:02d}-{1 + n % 28:02d}", "steps": 1000 + n % 9000},
+                            "data": {"date": f"2025-{1 + n % 12:02d}-{1 + n % 28:02d}", "steps": n % 9000},
                         }
                     ]
                 }
@@ -101,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
             profiler.enable()
             spent = run(1_000_000, args.count)
             profiler.disable()
-            pstats.Stats(profiler).sort_stats(args.sort).print_stats(args.top)
+            stats = pstats.Stats(profiler).sort_stats(args.sort)
+            if args.callees:
+                stats.print_callees(args.callees)
+            else:
+                stats.print_stats(args.top)
         else:
             spent = run(1_000_000, args.count)
         backend = "PostgreSQL" if args.pg else "SQLite"

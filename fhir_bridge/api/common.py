@@ -25,11 +25,12 @@ from auth.vendor_tokens import InvalidToken, TokenVerifier, VendorPrincipal
 from fhir_bridge import services
 from fhir_bridge.errors import BadRequest, BridgeError, Forbidden, PayloadTooLarge, UnsupportedMediaType
 from fhir_bridge.storage.models import VendorClient
-from fhir_bridge.vendors import active_vendor
+from fhir_bridge.vendors import ActiveVendors
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 VERIFIER_KEY = "fhir_bridge.token_verifier"
+VENDORS_KEY = "fhir_bridge.active_vendors"
 MAX_DEPTH = 32
 
 
@@ -56,6 +57,14 @@ def current_principal() -> VendorPrincipal:
     return principal
 
 
+def _active_vendors(app: Any) -> ActiveVendors:
+    found = app.extensions.get(VENDORS_KEY)
+    if found is None:
+        found = app.extensions[VENDORS_KEY] = ActiveVendors(services.from_app(app).db)
+    assert isinstance(found, ActiveVendors)
+    return found
+
+
 def authenticate(*scopes: str) -> VendorClient:
     """Check the bearer token, the vendor's status and (any of) ``scopes``; remember who is calling."""
     from flask import current_app
@@ -73,8 +82,7 @@ def authenticate(*scopes: str) -> VendorClient:
         principal = verifier.verify(token.strip())
     except InvalidToken as exc:
         raise _unauthorized(str(exc)) from None
-    with services.current().db.sessions() as session:
-        vendor = active_vendor(session, principal.client_id)
+    vendor = _active_vendors(current_app).get(principal.client_id)
     if vendor is None:
         raise _unauthorized("the client this token was issued to is disabled or no longer registered")
     if scopes and not principal.scopes.intersection(scopes):

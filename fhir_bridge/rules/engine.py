@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
-from sqlalchemy import Table, insert, or_, select, text
+from sqlalchemy import Table, bindparam, insert, or_, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -229,7 +229,27 @@ class Episode:
     ongoing: Alert | None = None
 
 
+# Built once: whether the patient has any open alert or ongoing episode (the usual answer is no).
+_ALERTS: Table = cast(Table, Alert.__table__)
+_ANY_EPISODE = (
+    select(_ALERTS.c.id)
+    .where(
+        _ALERTS.c.tenant_id == bindparam("tenant_id"),
+        _ALERTS.c.patient_id == bindparam("patient_id"),
+        or_(_ALERTS.c.status == "open", _ALERTS.c.episode_ended_at.is_(None)),
+    )
+    .limit(1)
+)
+
+
 def _episodes(session: Session, tenant_id: str, patient_id: str) -> dict[str, Episode]:
+    out: dict[str, Episode] = defaultdict(Episode)
+    # Core first, on the session's connection (same transaction): loading no ORM objects through
+    # the ORM cost most of the rules' share of a single-record push.
+    params = {"tenant_id": tenant_id, "patient_id": patient_id}
+    session.flush()  # what the ORM query would autoflush (alerts fired earlier in this transaction)
+    if session.connection().execute(_ANY_EPISODE, params).first() is None:
+        return out
     rows = session.scalars(
         select(Alert)
         .where(
@@ -239,7 +259,6 @@ def _episodes(session: Session, tenant_id: str, patient_id: str) -> dict[str, Ep
         )
         .order_by(Alert.fired_at)
     )
-    out: dict[str, Episode] = defaultdict(Episode)
     for alert in rows:
         episode = out[alert.rule_id]
         if alert.status == "open":

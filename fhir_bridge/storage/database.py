@@ -12,6 +12,9 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+# Execution option for a connection that only reads (one statement): on SQLite it takes no write lock.
+READ_ONLY = "fhir_bridge_read_only"
+
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """Create an engine with the settings each backend needs to be safe for us.
@@ -47,6 +50,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Any) -> None:
+            if conn.get_execution_options().get(READ_ONLY):
+                return  # one read in autocommit mode: no write lock, nothing to commit
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine

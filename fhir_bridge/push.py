@@ -323,10 +323,13 @@ def submit(
     work: Callable[[Session, uuid.UUID, datetime], Work],
     now: datetime | None = None,
     priority: int = 0,
+    gate: Callable[[Session], None] | None = None,
 ) -> Outcome:
     """Run ``work`` and record its submission, records and outbox items in one transaction.
 
     ``priority`` goes on every outbox item: 0 live, 1 backfill (delivered after live items).
+    ``gate`` runs first in the transaction and may refuse the request by raising (the API's vendor
+    status check: one transaction per push instead of a read before it).
 
     Retries once when a concurrent push inserted one of the same record ids (or the same key) after
     we looked: the second run sees those records as duplicates (or replays the key).
@@ -342,6 +345,7 @@ def submit(
             work=work,
             now=now,
             priority=priority,
+            gate=gate,
         )
 
     try:
@@ -360,10 +364,13 @@ def _submit_once(
     work: Callable[[Session, uuid.UUID, datetime], Work],
     now: datetime | None,
     priority: int = 0,
+    gate: Callable[[Session], None] | None = None,
 ) -> Outcome:
     now = now or datetime.now(UTC)
     body_hash = request_hash(body)
     with db.transaction() as session:
+        if gate is not None:
+            gate(session)
         if key is not None:
             _lock_key(session, vendor, key)
             previous = replay(session, vendor, key, body_hash)
@@ -412,8 +419,11 @@ def push(
     idempotency_key: str | None,
     now: datetime | None = None,
     backfill: bool = False,
+    gate: Callable[[Session], None] | None = None,
 ) -> Outcome:
-    """Process one native batch; see the module docstring. ``backfill``: history, after live data."""
+    """Process one native batch; see the module docstring. ``backfill``: history, after live data.
+
+    ``gate``: see :func:`submit`."""
 
     def work(session: Session, submission_id: uuid.UUID, now: datetime) -> Work:
         results, prepared = _evaluate(session, mapper, vendor=vendor, records=records, now=now)
@@ -435,6 +445,7 @@ def push(
         work=work,
         now=now,
         priority=1 if backfill else 0,
+        gate=gate,
     )
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -264,10 +265,32 @@ class ActiveVendors:
     Profiling a single-record push showed the per-request ORM load at a fifth of its CPU.
     """
 
-    def __init__(self, db: Database) -> None:
+    # How long :meth:`snapshot` may hand out a vendor without reading its row (see there).
+    SNAPSHOT_SECONDS = 30.0
+
+    def __init__(self, db: Database, clock: Callable[[], float] = time.monotonic) -> None:
         self.db = db
+        self.clock = clock
         self._lock = threading.Lock()
         self._built: dict[str, tuple[tuple[Any, ...], VendorClient]] = {}
+        self._read_at: dict[str, float] = {}
+
+    def snapshot(self, client_id: str) -> VendorClient | None:
+        """The vendor as read at most ``SNAPSHOT_SECONDS`` ago: for a caller that checks its status
+        itself in its own transaction (:func:`require_active`), so one push is one transaction.
+
+        Only an active vendor is handed out unread; anything else is read again at once.
+        """
+        built = self._built.get(client_id)
+        read_at = self._read_at.get(client_id)
+        if (
+            built is not None
+            and read_at is not None
+            and self.clock() - read_at < self.SNAPSHOT_SECONDS
+            and built[1].status == "active"
+        ):
+            return built[1]
+        return self.get(client_id)
 
     def get(self, client_id: str) -> VendorClient | None:
         if not CLIENT_ID.fullmatch(client_id):
@@ -280,6 +303,7 @@ class ActiveVendors:
                 self._built.pop(client_id, None)
             return None
         values = tuple(row)
+        self._read_at[client_id] = self.clock()
         built = self._built.get(client_id)
         if built is None or built[0] != values:
             vendor = VendorClient(**row._asdict())
@@ -288,9 +312,20 @@ class ActiveVendors:
             with self._lock:
                 if len(self._built) >= 10_000:
                     self._built.clear()
+                    self._read_at.clear()
+                    self._read_at[client_id] = self.clock()
                 self._built[client_id] = built
         vendor = built[1]
         return vendor if vendor.status == "active" else None
+
+
+_VENDOR_STATUS = select(_VENDOR_TABLE.c.status).where(_VENDOR_TABLE.c.id == bindparam("id"))
+
+
+def is_active(session: Session, vendor_id: int) -> bool:
+    """Whether the vendor is still enabled, read in the caller's transaction (one Core query)."""
+    status = session.connection().execute(_VENDOR_STATUS, {"id": vendor_id}).scalar()
+    return status == "active"
 
 
 def active_vendor(session: Session, client_id: str) -> VendorClient | None:

@@ -178,14 +178,15 @@ def on_accepted(
     return fired
 
 
+_PATIENT_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
+
+
 def _lock_patient(session: Session, tenant_id: str, patient_id: str) -> None:
     """Serialise evaluations of one patient on PostgreSQL (SQLite serialises every writer already)."""
     if session.get_bind().dialect.name != "postgresql":
         return
     digest = hashlib.sha256(f"rules\x1f{tenant_id}\x1f{patient_id}".encode()).digest()
-    session.execute(
-        text("SELECT pg_advisory_xact_lock(:k)"), {"k": int.from_bytes(digest[:8], "big", signed=True)}
-    )
+    session.connection().execute(_PATIENT_LOCK, {"k": int.from_bytes(digest[:8], "big", signed=True)})
 
 
 def load_history(

@@ -39,13 +39,17 @@ function setup(thread)
   table.insert(threads, thread)
 end
 local counter = 0
+local users = 0
 function init(args)
   prefix = args[1] .. "-" .. tostring(tid)
+  users = tonumber(args[2] or "0")
 end
 function request()
   counter = counter + 1
+  local user = "bench-user"
+  if users > 0 then user = "bench-user-" .. tostring((counter + tid) % users) end
   local body = '{"records":[{"record_id":"' .. prefix .. '-' .. counter ..
-    '","app_user_id":"bench-user","measure":"steps-daily","data":{"date":"2025-' ..
+    '","app_user_id":"' .. user .. '","measure":"steps-daily","data":{"date":"2025-' ..
     string.format("%02d-%02d", 1 + counter % 12, 1 + counter % 28) ..
     '","steps":' .. (1000 + counter % 9000) .. '}}]}'
   return wrk.format("POST", nil, nil, body)
@@ -102,8 +106,10 @@ def wrk(
     threads: int = 1,
     headers: dict[str, str] | None = None,
     push_prefix: str | None = None,
+    users: int = 0,
 ) -> LoadRun:
-    """``wrk`` for ``duration`` seconds: GET ``url``, or with ``push_prefix`` a unique push per request."""
+    """``wrk`` for ``duration`` seconds: GET ``url``, or with ``push_prefix`` a unique push per request
+    (app user ``bench-user``, or with ``users`` round robin over ``bench-user-0`` .. ``users - 1``)."""
     assert WRK is not None, "wrk is not installed (apt-get install -y wrk)"
     with tempfile.TemporaryDirectory(prefix="bench-wrk-") as folder:
         script = Path(folder) / "run.lua"
@@ -122,7 +128,7 @@ def wrk(
             command += ["-H", f"{name}: {value}"]
         command.append(url)
         if push_prefix:
-            command += ["--", push_prefix]
+            command += ["--", push_prefix, str(users)]
         cpu0, server0 = _children_cpu(), server_cpu()
         done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=duration + 120)
         cpu1, server1 = _children_cpu(), server_cpu()

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from auth.keys import Keyring
     from fhir_bridge import create_app, services
+    from fhir_bridge.server import settle_heap
     from fhir_bridge.settings import load_settings
     from fhir_bridge.storage import Database, migrate
     from tests.support.vendor import add_tenant, enroll, register
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         migrate.upgrade(db)
         db.dispose()
         app = create_app(config)
+        settle_heap(app)  # as a gunicorn web worker does at boot
         add_tenant(services.from_app(app).db)
         vendor = register(app, "bench-vendor", alg="ES384")
         enroll(app, vendor, "general", "pat-1", "bench-user")

@@ -50,18 +50,30 @@ Runner = Callable[[bool], list[Figure]]
 @contextmanager
 def postgres() -> Iterator[str | None]:
     """A throwaway PostgreSQL database URL, or None when the binaries are not installed."""
+    with postgres_server() as (url, _):
+        yield url
+
+
+@contextmanager
+def postgres_server() -> Iterator[tuple[str | None, int | None]]:
+    """:func:`postgres` plus the PID of the cluster's process tree (for its CPU: ``cpu_seconds``)."""
     from tests.support.postgres import PostgresServer, find_bin_dir
 
     bin_dir = find_bin_dir()
     if bin_dir is None:
-        yield None
+        yield None, None
         return
     pg = PostgresServer(bin_dir)
     pg.start()
     try:
-        yield pg.create_database()
+        yield pg.create_database(), (pg.proc.pid if pg.proc is not None else None)
     finally:
         pg.stop()
+
+
+@contextmanager
+def _no_server() -> Iterator[tuple[str | None, int | None]]:
+    yield None, None
 
 
 @contextmanager
@@ -225,9 +237,9 @@ def run_push_single(quick: bool) -> list[Figure]:
 
     reps, duration, count = (1, 5.0, 1500) if quick else (3, 10.0, 6000)
     connections = 8  # 2 gunicorn workers x 4 threads
-    rates, p99s, floor_rates, floor_p99s, server_ms, client_ms = [], [], [], [], [], []
+    rates, p99s, floor_rates, floor_p99s, server_ms, client_ms, db_ms = [], [], [], [], [], [], []
     tool = ""
-    with postgres() if not quick else _none() as pg_url:
+    with postgres_server() if not quick else _no_server() as (pg_url, pg_pid):
         workdir = Path(tempfile.mkdtemp(prefix="bench-single-"))
         backend = "PostgreSQL" if pg_url else "SQLite"
         server = bp.Server(pg_url or f"sqlite:///{workdir / 'bench.db'}", workdir, workers=2)
@@ -271,8 +283,12 @@ def run_push_single(quick: bool) -> list[Figure]:
                 )
 
             for rep in range(reps + 1):
-                f, r = floor(), push(f"s{rep}")
+                f = floor()
+                db0 = cpu_seconds(pg_pid) if pg_pid else 0.0
+                r = push(f"s{rep}")
+                db_cpu = cpu_seconds(pg_pid) - db0 if pg_pid else 0.0
                 if rep:  # the first repetition warms both workers up
+                    db_ms.append(db_cpu / r.requests * 1000)
                     tool = r.tool
                     rates.append(r.rate)
                     p99s.append(r.p99_ms)
@@ -287,8 +303,9 @@ def run_push_single(quick: bool) -> list[Figure]:
     note = (
         f"{tool}, {bound}, {reps} reps, 2 gunicorn workers (gthread x 4), {backend}, "
         f"{SINGLE_USERS} app users round robin; client and server share the cores; CPU per request: "
-        f"server {statistics.median(server_ms):.2f} ms (gunicorn processes, not the database), "
-        f"client {statistics.median(client_ms):.3f} ms"
+        f"server {statistics.median(server_ms):.2f} ms (gunicorn processes), "
+        + (f"PostgreSQL {statistics.median(db_ms):.2f} ms, " if pg_url else "")
+        + f"client {statistics.median(client_ms):.3f} ms"
     )
     floor_label = "GET /healthz, same generator and server"
     return [

@@ -269,6 +269,10 @@ def _episodes(session: Session, tenant_id: str, patient_id: str) -> dict[str, Ep
     return out
 
 
+def _any_ongoing(episodes: dict[str, Episode], candidates: list[tuple[Rule, list[datetime], bool]]) -> bool:
+    return any(episodes[rule.id].ongoing is not None for rule, _, _ in candidates)
+
+
 def evaluate_patient(
     session: Session,
     tenant_id: str,
@@ -298,6 +302,15 @@ def evaluate_patient(
         if moments:
             candidates.append((rule, moments, rule.trigger == "schedule"))
     if not candidates:
+        return []
+    # Only schedule rules read this data, and data can only end their episodes, which only a
+    # schedule run (not a push) starts: with none ongoing there is nothing to do and no other push
+    # can change that, so the answer needs no lock (a round trip saved on most wearable data).
+    if (
+        not schedule
+        and all(end_only for _, _, end_only in candidates)
+        and not _any_ongoing(_episodes(session, tenant_id, patient_id), candidates)
+    ):
         return []
     if not schedule:
         # Not on the schedule: its transaction would hold every patient's lock until the run ends,

@@ -124,3 +124,32 @@ def test_a_snapshot_is_read_again_after_its_time(app: Flask, vendor: Vendor) -> 
     now[0] += active.SNAPSHOT_SECONDS
     refreshed = active.snapshot(vendor.client_id)
     assert refreshed is not None and refreshed.scopes == "records.write"
+
+
+def test_new_data_still_ends_an_ongoing_absence_episode(app: Flask, vendor: Vendor) -> None:
+    """Pushes of data only schedule rules read skip the rules' lock only when no episode is ongoing."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import select
+
+    from fhir_bridge.rules import engine
+    from fhir_bridge.storage.models import Alert
+
+    db = services.from_app(app).db
+    old = (datetime.now(UTC) - timedelta(days=30)).date().isoformat()
+    older = {"records": [{**steps("r-old")["records"][0], "data": {"date": old, "steps": 100}}]}
+    first = vendor.post("/api/v1/records", json=older)
+    assert first.json["counts"]["accepted"] == 1
+    assert vendor.post("/api/v1/records", json=steps("r-quiet")).status_code == 200  # nothing ongoing
+    # 30 days of silence as of the schedule run: the disengagement episode starts
+    with db.transaction() as session:
+        fired = engine.run_scheduled_rules(session, datetime.now(UTC) + timedelta(days=60))
+        assert [a.rule_id for a in fired] == ["disengagement"]
+    with db.sessions() as session:
+        alert = session.execute(select(Alert)).scalar_one()
+        assert alert.episode_ended_at is None
+    today = datetime.now(UTC).date().isoformat()
+    late = {"records": [{**steps("r-new")["records"][0], "data": {"date": today, "steps": 5}}]}
+    assert vendor.post("/api/v1/records", json=late).json["counts"]["accepted"] == 1
+    with db.sessions() as session:
+        assert session.execute(select(Alert)).scalar_one().episode_ended_at is not None

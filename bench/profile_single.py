@@ -5,7 +5,7 @@ enrolls one app user, then pushes ``--count`` single-record batches and prints t
 per request (``time.process_time``: the database server's own CPU is not counted, only this
 process's). ``--profile`` prints the top of a cProfile of the same loop.
 
-    python -m bench.profile_single [--count N] [--pg] [--profile] [--sort cumulative|tottime]
+    python -m bench.profile_single [--count N] [--pg] [--breakdown] [--profile] [--sort cumulative|tottime]
 """
 
 from __future__ import annotations
@@ -32,8 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sort", default="tottime")
     parser.add_argument("--top", type=int, default=45)
     parser.add_argument("--callees", default="", help="print what functions matching this call")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="CPU per push of each stage (no profiler overhead)"
+    )
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    spent_in = _instrument() if args.breakdown else None
 
     from auth.keys import Keyring
     from fhir_bridge import create_app, services
@@ -120,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             spent = run(1_000_000, args.count)
         backend = "PostgreSQL" if args.pg else "SQLite"
+        if spent_in is not None:
+            for stage, seconds in spent_in.items():
+                print(f"  {stage:58} {seconds / (args.count + 200) * 1000:.3f} ms")
         print(
             f"{backend}: {args.count} single-record pushes, {spent / args.count * 1000:.3f} ms CPU each"
             + (f" (+ {db_cpu[0] / args.count * 1000:.3f} ms in PostgreSQL)" if pg is not None else "")
@@ -129,6 +136,40 @@ def main(argv: list[str] | None = None) -> int:
         if pg is not None:
             pg.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _instrument() -> dict[str, float]:
+    """Wrap the push path's stages to add up their CPU (warm-up included: divide by every push)."""
+    import functools
+    from typing import Any
+
+    from fhir_bridge import push
+    from fhir_bridge.api import common, records
+
+    spent: dict[str, float] = {}
+
+    def wrap(module: Any, name: str, label: str) -> None:
+        inner = getattr(module, name)
+        spent[label] = 0.0
+
+        @functools.wraps(inner)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.process_time()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                spent[label] += time.process_time() - started
+
+        setattr(module, name, timed)
+
+    wrap(common, "authenticate", "authenticate (token memo, vendor snapshot)")
+    wrap(records, "read_json", "read_json")
+    wrap(push, "_submit_once", "the push transaction (all below and the rest)")
+    wrap(push, "_evaluate", "  _evaluate (enrollments, duplicates, mapping)")
+    wrap(push, "write_accepted", "  write_accepted (records, outbox, rules, tasks)")
+    wrap(push, "on_accepted", "    rules: ledger, probe")
+    wrap(push.tasks, "on_push", "    tasks/goals probe")
+    return spent
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 Builds an app on SQLite (or PostgreSQL with ``--pg``, a throwaway cluster), registers a vendor,
 enrolls one app user, then pushes ``--count`` single-record batches and prints the CPU milliseconds
-per request (``time.process_time``: the database server's own CPU is not counted, only this
-process's). ``--profile`` prints the top of a cProfile of the same loop.
+per request (``time.process_time`` of this process; with ``--pg`` PostgreSQL's own CPU is printed
+beside it). ``--breakdown`` adds the CPU of each stage; ``--profile`` prints a cProfile (CPU time)
+of the same loop.
 
     python -m bench.profile_single [--count N] [--pg] [--breakdown] [--profile] [--sort cumulative|tottime]
 """

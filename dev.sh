@@ -69,6 +69,8 @@ cmd_demo() {
 
 cmd_bench() {
   ensure_system_test_deps
+  # wrk: the load generator of the request-rate rows (a Python one would take the server's cores).
+  command -v wrk >/dev/null || apt_install wrk
   ensure_venv
   exec "$VENV/bin/python" -m bench "$@"
 }

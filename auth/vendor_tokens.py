@@ -395,7 +395,37 @@ class TokenVerifier:
     max_bytes: int = 8 * 1024
     registry: JWSRegistry = field(default_factory=lambda: JWSRegistry(algorithms=list(ASSERTION_ALGS)))
 
+    # Tokens whose signature and claims already verified: token -> (principal, kid, exp).
+    _verified: dict[str, tuple[VendorPrincipal, str, int]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    cache_size: int = 4096
+
     def verify(self, token: str) -> VendorPrincipal:
+        """The principal behind ``token``; ``InvalidToken`` saying why not.
+
+        A token that verified once is remembered until it expires: a vendor sends the same token on
+        every request for minutes, and the signature check and claim parsing were a tenth of a
+        single-record push. What can change meanwhile is still checked every time: the expiry
+        against the clock, and that the key it was signed with is still in the keyring and
+        published (a removed or retired key refuses its tokens at once). The claims and the signature
+        cannot change: the cache key is the whole token text. Vendor status is the caller's check.
+        """
+        cached = self._verified.get(token)
+        if cached is not None:
+            principal, kid, exp = cached
+            now = self.clock()
+            entry = self.keyring.find(kid)
+            if entry is not None and exp > now and entry.is_published(datetime.fromtimestamp(now, UTC)):
+                return principal
+            self._verified.pop(token, None)
+        principal, kid, exp = self._verify(token)
+        if len(self._verified) >= self.cache_size:
+            self._verified.clear()  # crude but bounded; tokens are re-verified on their next use
+        self._verified[token] = (principal, kid, exp)
+        return principal
+
+    def _verify(self, token: str) -> tuple[VendorPrincipal, str, int]:
         if not token or len(token) > self.max_bytes:
             raise InvalidToken("the access token is empty or too long")
         try:
@@ -425,12 +455,13 @@ class TokenVerifier:
         client_id, scope = claims.get("client_id"), claims.get("scope", "")
         if not isinstance(client_id, str) or not isinstance(scope, str):
             raise InvalidToken("the access token is not a token this service issued")
-        return VendorPrincipal(
+        principal = VendorPrincipal(
             client_id=client_id,
             scopes=frozenset(scope.split()),
             token_id=str(claims.get("jti", "")),
             expires_at=datetime.fromtimestamp(exp, UTC),
         )
+        return principal, entry.kid, exp
 
 
 def smart_configuration(*, token_url: str, jwks_url: str, issuer: str) -> dict[str, Any]:

@@ -205,6 +205,45 @@ def vendor_token(server: Server, session: requests.Session) -> str:
     return token
 
 
+def enroll_users(server: Server, session: requests.Session, count: int, prefix: str = "bench-user-") -> None:
+    """Enroll ``count`` more app users (patients ``pat-u0`` ..) of the bench vendor, claimed through the API.
+
+    Why: a hospital's pushes come from many patients at once; with one patient every push would
+    also queue on that patient's rule-evaluation lock (PostgreSQL), which no deployment sees.
+    """
+    from fhir_bridge import enrollment
+    from fhir_bridge.services import build_services
+    from fhir_bridge.settings import load_settings
+
+    services = build_services(
+        load_settings(
+            {
+                "INSTANCE_PATH": server.env["FHIR_BRIDGE_INSTANCE_PATH"],
+                "DATABASE_URL": server.env["FHIR_BRIDGE_DATABASE_URL"],
+                "LOG_LEVEL": "WARNING",
+            },
+            environ={},
+        )
+    )
+    try:
+        for n in range(count):
+            code = enrollment.create(
+                services.db,
+                secret=services.secret_key,
+                tenant_id="bench",
+                patient_id=f"pat-u{n}",
+                vendor_client_id="bench-vendor",
+                created_by="bench",
+                ttl_seconds=600,
+            ).code
+            claimed = session.post(
+                server.url + "/api/v1/enrollments/claim", json={"code": code, "app_user_id": f"{prefix}{n}"}
+            )
+            claimed.raise_for_status()
+    finally:
+        services.db.dispose()
+
+
 def _add_tenant(server: Server, fhir_base: str) -> None:
     from fhir_bridge.storage import Database
     from fhir_bridge.storage.models import Tenant

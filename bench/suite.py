@@ -10,8 +10,9 @@ Options: ``--quick`` (about a minute: fewer repetitions, smaller data, said in t
 NAME[,NAME]``, ``--json PATH`` (default ``bench-results/<UTC timestamp>.json``). ``python -m bench
 compare A.json B.json`` prints the change of every figure between two runs.
 
-The load generator for the request-rate rows is Python (threads, one ``requests.Session`` each): wrk
-is not installed here. It runs on the same 2 cores as the server, so its own CPU is part of the cost.
+The load generator for the single-push row is wrk when installed (``./dev.sh bench`` installs it),
+else Python threads (``bench/loadgen.py``); it runs on the same cores as the server, so the row's
+note gives the CPU per request of both sides.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import requests
 
 from bench.bench_push import cpu_seconds
 from bench.results import Condition, Figure, fmt, table
@@ -51,18 +50,30 @@ Runner = Callable[[bool], list[Figure]]
 @contextmanager
 def postgres() -> Iterator[str | None]:
     """A throwaway PostgreSQL database URL, or None when the binaries are not installed."""
+    with postgres_server() as (url, _):
+        yield url
+
+
+@contextmanager
+def postgres_server() -> Iterator[tuple[str | None, int | None]]:
+    """:func:`postgres` plus the PID of the cluster's process tree (for its CPU: ``cpu_seconds``)."""
     from tests.support.postgres import PostgresServer, find_bin_dir
 
     bin_dir = find_bin_dir()
     if bin_dir is None:
-        yield None
+        yield None, None
         return
     pg = PostgresServer(bin_dir)
     pg.start()
     try:
-        yield pg.create_database()
+        yield pg.create_database(), (pg.proc.pid if pg.proc is not None else None)
     finally:
         pg.stop()
+
+
+@contextmanager
+def _no_server() -> Iterator[tuple[str | None, int | None]]:
+    yield None, None
 
 
 @contextmanager
@@ -212,69 +223,89 @@ def _none() -> Iterator[None]:
 # -- row 2: push, single records, 2 gunicorn workers ----------------------------------------------
 
 
-def load(
-    url: str, bodies: list[bytes], *, threads: int, headers: dict[str, str]
-) -> tuple[float, list[float]]:
-    """Post every body, ``threads`` at a time (one Session each): (requests/s, latencies in ms)."""
-    latencies: list[list[float]] = [[] for _ in range(threads)]
-    errors: list[str] = []
-    method = "POST" if bodies[0] else "GET"
-
-    def run(n: int) -> None:
-        session = requests.Session()
-        session.headers.update(headers)
-        mine = latencies[n]
-        for body in bodies[n::threads]:
-            t0 = time.perf_counter()
-            response = session.request(method, url, data=body or None, timeout=60)
-            mine.append((time.perf_counter() - t0) * 1000)
-            if response.status_code != 200:
-                errors.append(f"{response.status_code} {response.text[:200]}")
-                return
-
-    pool = [threading.Thread(target=run, args=(n,)) for n in range(threads)]
-    started = time.perf_counter()
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    elapsed = time.perf_counter() - started
-    if errors:
-        raise RuntimeError(f"load: {errors[0]}")
-    flat = [x for part in latencies for x in part]
-    return len(flat) / elapsed, flat
+SINGLE_USERS = 20
 
 
 def run_push_single(quick: bool) -> list[Figure]:
-    from bench import bench_push as bp
+    """Row 2 with wrk (else Python http.client threads): rate, p99, and CPU per request on both sides.
 
-    reps, count, threads = (1, 300, 4) if quick else (3, 3000, 8)
-    rates, p99s, floor_rates, floor_p99s = [], [], [], []
-    with postgres() if not quick else _none() as pg_url:
+    Pushes round-robin over ``SINGLE_USERS`` enrolled app users (a hospital's pushes come from many
+    patients; one patient would also serialise every push on its rule-evaluation lock).
+    """
+    from bench import bench_push as bp
+    from bench import loadgen
+
+    reps, duration, count = (1, 5.0, 1500) if quick else (3, 10.0, 6000)
+    connections = 8  # 2 gunicorn workers x 4 threads
+    rates, p99s, floor_rates, floor_p99s, server_ms, client_ms, db_ms = [], [], [], [], [], [], []
+    tool = ""
+    with postgres_server() if not quick else _no_server() as (pg_url, pg_pid):
         workdir = Path(tempfile.mkdtemp(prefix="bench-single-"))
         backend = "PostgreSQL" if pg_url else "SQLite"
         server = bp.Server(pg_url or f"sqlite:///{workdir / 'bench.db'}", workdir, workers=2)
         try:
             server.start()
-            _, token = bp.setup_vendor(server, workdir)
+            session, token = bp.setup_vendor(server, workdir)
+            bp.enroll_users(server, session, SINGLE_USERS)
             headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-            for rep in range(reps + 1):
-                bodies = [orjson.dumps({"records": bp.records(f"s{rep}-{n}", 1)}) for n in range(count)]
-                floor_rate, floor_lat = load(
-                    server.url + "/healthz", [b""] * count, threads=threads, headers={}
+            assert server.proc is not None
+            pid = server.proc.pid
+
+            def server_cpu() -> float:
+                return cpu_seconds(pid)
+
+            def push(tag: str) -> loadgen.LoadRun:
+                url = server.url + "/api/v1/records"
+                if loadgen.WRK:
+                    return loadgen.wrk(
+                        url,
+                        server_cpu=server_cpu,
+                        duration=duration,
+                        connections=connections,
+                        headers=headers,
+                        push_prefix=tag,
+                        users=SINGLE_USERS,
+                    )
+                bodies = [
+                    orjson.dumps({"records": [{**r, "app_user_id": f"bench-user-{n % SINGLE_USERS}"}]})
+                    for n, r in enumerate(bp.records(tag, count))
+                ]
+                return loadgen.python_threads(
+                    url, bodies, server_cpu=server_cpu, connections=connections, headers=headers
                 )
-                rate, lat = load(server.url + "/api/v1/records", bodies, threads=threads, headers=headers)
+
+            def floor() -> loadgen.LoadRun:
+                url = server.url + "/healthz"
+                if loadgen.WRK:
+                    return loadgen.wrk(url, server_cpu=server_cpu, duration=duration, connections=connections)
+                return loadgen.python_threads(
+                    url, [b""] * count, server_cpu=server_cpu, connections=connections
+                )
+
+            for rep in range(reps + 1):
+                f = floor()
+                db0 = cpu_seconds(pg_pid) if pg_pid else 0.0
+                r = push(f"s{rep}")
+                db_cpu = cpu_seconds(pg_pid) - db0 if pg_pid else 0.0
                 if rep:  # the first repetition warms both workers up
-                    rates.append(rate)
-                    p99s.append(percentile(lat, 99))
-                    floor_rates.append(floor_rate)
-                    floor_p99s.append(percentile(floor_lat, 99))
+                    db_ms.append(db_cpu / r.requests * 1000)
+                    tool = r.tool
+                    rates.append(r.rate)
+                    p99s.append(r.p99_ms)
+                    floor_rates.append(f.rate)
+                    floor_p99s.append(f.p99_ms)
+                    server_ms.append(r.server_ms_per_request)
+                    client_ms.append(r.client_ms_per_request)
         finally:
             server.stop()
             shutil.rmtree(workdir, ignore_errors=True)
+    bound = f"{duration:.0f} s per rep" if loadgen.WRK else f"{count} requests per rep"
     note = (
-        f"Python load generator ({threads} threads x requests.Session; wrk not installed), {count} "
-        f"requests per rep, {reps} reps, 2 gunicorn workers, {backend}; client shares the 2 cores"
+        f"{tool}, {bound}, {reps} reps, 2 gunicorn workers (gthread x 4), {backend}, "
+        f"{SINGLE_USERS} app users round robin; client and server share the cores; CPU per request: "
+        f"server {statistics.median(server_ms):.2f} ms (gunicorn processes), "
+        + (f"PostgreSQL {statistics.median(db_ms):.2f} ms, " if pg_url else "")
+        + f"client {statistics.median(client_ms):.3f} ms"
     )
     floor_label = "GET /healthz, same generator and server"
     return [
@@ -296,6 +327,16 @@ def run_push_single(quick: bool) -> list[Figure]:
             floor_p99s,
             floor_label,
             [Condition("value", "<=", 20)],
+            note,
+        ),
+        Figure(
+            "push_single_server_cpu",
+            "push single records, server CPU per request",
+            "ms",
+            server_ms,
+            [],
+            "",
+            [],
             note,
         ),
     ]

@@ -32,9 +32,9 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import Table, bindparam, func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from fhir_bridge import audit
 from fhir_bridge.errors import BadRequest, Conflict, NotFound, TooManyRequests, Unprocessable
@@ -343,20 +343,33 @@ def end(
 
 
 # Built once (it runs on every push): the same statement, with the values as parameters.
-_ACTIVE_BY_APP_USER = select(Enrollment).where(
-    Enrollment.vendor_id == bindparam("vendor_id"),
-    Enrollment.status == "active",
-    Enrollment.app_user_id.in_(bindparam("app_user_ids", expanding=True)),
+_ENROLLMENTS: Table = Enrollment.__table__  # type: ignore[assignment]
+_ACTIVE_BY_APP_USER = select(_ENROLLMENTS).where(
+    _ENROLLMENTS.c.vendor_id == bindparam("vendor_id"),
+    _ENROLLMENTS.c.status == "active",
+    _ENROLLMENTS.c.app_user_id.in_(bindparam("app_user_ids", expanding=True)),
 )
 
 
 def active_by_app_user(session: Session, vendor_id: int, app_user_ids: set[str]) -> dict[str, Enrollment]:
-    """Active enrollments of this vendor for these app users, keyed by app user id."""
+    """Active enrollments of this vendor for these app users, keyed by app user id.
+
+    Read as Core rows and returned as detached, read-only ``Enrollment`` objects (the push path
+    reads their ids, tenant and patient and never changes them): the ORM query was the largest
+    single statement of a single-record push. Not in the session's identity map, so a caller that
+    wants to change an enrollment loads it with ``session.get``.
+    """
     if not app_user_ids:
         return {}
     params = {"vendor_id": vendor_id, "app_user_ids": list(app_user_ids)}
-    rows = session.execute(_ACTIVE_BY_APP_USER, params).scalars()
-    return {e.app_user_id: e for e in rows if e.app_user_id is not None}
+    found: dict[str, Enrollment] = {}
+    for row in session.connection().execute(_ACTIVE_BY_APP_USER, params):
+        if row.app_user_id is None:
+            continue
+        enrollment = Enrollment(**row._asdict())
+        make_transient_to_detached(enrollment)
+        found[row.app_user_id] = enrollment
+    return found
 
 
 @dataclass(frozen=True)

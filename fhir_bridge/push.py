@@ -43,6 +43,8 @@ from mappings.identity import device_full_url
 RECORD_ID = r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}"
 IDEMPOTENCY_KEY_MAX = 255
 RECORDS: Table = Record.__table__  # type: ignore[assignment]
+SUBMISSIONS: Table = Submission.__table__  # type: ignore[assignment]
+_INSERT_SUBMISSION = insert(SUBMISSIONS)
 OUTBOX: Table = OutboxItem.__table__  # type: ignore[assignment]
 NOT_ENROLLED = (
     "This app user has no active enrollment with your app: claim a pairing code first "
@@ -187,12 +189,15 @@ def check_idempotency_key(key: str | None) -> str | None:
     return key
 
 
+_TRY_LOCK = text("SELECT pg_try_advisory_xact_lock(:k)")
+
+
 def _lock_key(session: Session, vendor: VendorClient, key: str) -> None:
     if session.get_bind().dialect.name != "postgresql":
         return  # SQLite: BEGIN IMMEDIATE already serialises every writer.
     digest = hashlib.sha256(f"{vendor.id}\x1f{key}".encode()).digest()
     lock_id = int.from_bytes(digest[:8], "big", signed=True)
-    got = session.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": lock_id}).scalar()
+    got = session.connection().execute(_TRY_LOCK, {"k": lock_id}).scalar()
     if not got:
         raise Conflict(
             "A request with this Idempotency-Key is still being processed; retry after it finishes.",
@@ -296,7 +301,7 @@ def existing_records(
     found: dict[str, uuid.UUID] = {}
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
-        rows = session.execute(_EXISTING, {"vendor_id": vendor.id, "ids": chunk}).all()
+        rows = session.connection().execute(_EXISTING, {"vendor_id": vendor.id, "ids": chunk}).all()
         found.update({rid: pk for rid, pk in rows})
     return found
 
@@ -323,10 +328,13 @@ def submit(
     work: Callable[[Session, uuid.UUID, datetime], Work],
     now: datetime | None = None,
     priority: int = 0,
+    gate: Callable[[Session], None] | None = None,
 ) -> Outcome:
     """Run ``work`` and record its submission, records and outbox items in one transaction.
 
     ``priority`` goes on every outbox item: 0 live, 1 backfill (delivered after live items).
+    ``gate`` runs first in the transaction and may refuse the request by raising (the API's vendor
+    status check: one transaction per push instead of a read before it).
 
     Retries once when a concurrent push inserted one of the same record ids (or the same key) after
     we looked: the second run sees those records as duplicates (or replays the key).
@@ -342,6 +350,7 @@ def submit(
             work=work,
             now=now,
             priority=priority,
+            gate=gate,
         )
 
     try:
@@ -360,10 +369,13 @@ def _submit_once(
     work: Callable[[Session, uuid.UUID, datetime], Work],
     now: datetime | None,
     priority: int = 0,
+    gate: Callable[[Session], None] | None = None,
 ) -> Outcome:
     now = now or datetime.now(UTC)
     body_hash = request_hash(body)
     with db.transaction() as session:
+        if gate is not None:
+            gate(session)
         if key is not None:
             _lock_key(session, vendor, key)
             previous = replay(session, vendor, key, body_hash)
@@ -372,22 +384,27 @@ def _submit_once(
         submission_id = uuid.uuid4()
         done = work(session, submission_id, now)
         response_body = orjson.dumps(done.response)
-        session.add(
-            Submission(
-                id=submission_id,
-                vendor_id=vendor.id,
-                kind=kind,
-                received_at=now,
-                idempotency_key=key,
-                request_hash=body_hash,
-                record_count=sum(done.counts.values()),
-                accepted_count=done.counts.get("accepted", 0),
-                duplicate_count=done.counts.get("duplicate", 0),
-                rejected_count=done.counts.get("rejected", 0),
-                response_status=done.status,
-                response_body=response_body,
-                response_headers=dict(done.extra_headers) if key is not None and done.extra_headers else None,
-            )
+        # Core, before anything ``work`` left pending is flushed (that may reference the submission):
+        # the ORM unit of work for this one row was a tenth of a single-record push's CPU.
+        session.connection().execute(
+            _INSERT_SUBMISSION,
+            {
+                "id": submission_id,
+                "vendor_id": vendor.id,
+                "kind": kind,
+                "received_at": now,
+                "idempotency_key": key,
+                "request_hash": body_hash,
+                "record_count": sum(done.counts.values()),
+                "accepted_count": done.counts.get("accepted", 0),
+                "duplicate_count": done.counts.get("duplicate", 0),
+                "rejected_count": done.counts.get("rejected", 0),
+                "response_status": done.status,
+                "response_body": response_body,
+                "response_headers": (
+                    dict(done.extra_headers) if key is not None and done.extra_headers else None
+                ),
+            },
         )
         session.flush()
         write_accepted(
@@ -412,8 +429,11 @@ def push(
     idempotency_key: str | None,
     now: datetime | None = None,
     backfill: bool = False,
+    gate: Callable[[Session], None] | None = None,
 ) -> Outcome:
-    """Process one native batch; see the module docstring. ``backfill``: history, after live data."""
+    """Process one native batch; see the module docstring. ``backfill``: history, after live data.
+
+    ``gate``: see :func:`submit`."""
 
     def work(session: Session, submission_id: uuid.UUID, now: datetime) -> Work:
         results, prepared = _evaluate(session, mapper, vendor=vendor, records=records, now=now)
@@ -435,6 +455,7 @@ def push(
         work=work,
         now=now,
         priority=1 if backfill else 0,
+        gate=gate,
     )
 
 

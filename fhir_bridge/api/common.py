@@ -20,17 +20,20 @@ from typing import Any, TypeVar, cast
 
 import orjson
 from flask import g, request
+from sqlalchemy.orm import Session
 
 from auth.vendor_tokens import InvalidToken, TokenVerifier, VendorPrincipal
 from fhir_bridge import services
 from fhir_bridge.errors import BadRequest, BridgeError, Forbidden, PayloadTooLarge, UnsupportedMediaType
 from fhir_bridge.storage.models import VendorClient
-from fhir_bridge.vendors import active_vendor
+from fhir_bridge.vendors import ActiveVendors, is_active
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 VERIFIER_KEY = "fhir_bridge.token_verifier"
+VENDORS_KEY = "fhir_bridge.active_vendors"
 MAX_DEPTH = 32
+DISABLED = "the client this token was issued to is disabled or no longer registered"
 
 
 class InvalidTokenError(BridgeError):
@@ -56,8 +59,22 @@ def current_principal() -> VendorPrincipal:
     return principal
 
 
-def authenticate(*scopes: str) -> VendorClient:
-    """Check the bearer token, the vendor's status and (any of) ``scopes``; remember who is calling."""
+def _active_vendors(app: Any) -> ActiveVendors:
+    found = app.extensions.get(VENDORS_KEY)
+    if found is None:
+        found = app.extensions[VENDORS_KEY] = ActiveVendors(services.from_app(app).db)
+    assert isinstance(found, ActiveVendors)
+    return found
+
+
+def authenticate(*scopes: str, in_transaction: bool = False) -> VendorClient:
+    """Check the bearer token, the vendor's status and (any of) ``scopes``; remember who is calling.
+
+    ``in_transaction``: the view checks the vendor's status itself, as the first statement of the
+    transaction it writes in (:func:`vendor_gate`), so a push is one transaction; here the vendor
+    comes from a snapshot of a few seconds (a disabled vendor still gets its 401 from the gate,
+    before anything is written).
+    """
     from flask import current_app
 
     header = request.headers.get("Authorization", "")
@@ -73,10 +90,10 @@ def authenticate(*scopes: str) -> VendorClient:
         principal = verifier.verify(token.strip())
     except InvalidToken as exc:
         raise _unauthorized(str(exc)) from None
-    with services.current().db.sessions() as session:
-        vendor = active_vendor(session, principal.client_id)
+    vendors = _active_vendors(current_app)
+    vendor = vendors.snapshot(principal.client_id) if in_transaction else vendors.get(principal.client_id)
     if vendor is None:
-        raise _unauthorized("the client this token was issued to is disabled or no longer registered")
+        raise _unauthorized(DISABLED)
     if scopes and not principal.scopes.intersection(scopes):
         raise Forbidden(
             f"This token lacks the scope this request needs ({' or '.join(scopes)}); "
@@ -89,16 +106,35 @@ def authenticate(*scopes: str) -> VendorClient:
     return vendor
 
 
-def requires_scope(*scopes: str) -> Callable[[F], F]:
+def requires_scope(*scopes: str, in_transaction: bool = False) -> Callable[[F], F]:
+    """Authenticate before the view. ``in_transaction``: the view passes :func:`vendor_gate` to the
+    transaction it writes in (see :func:`authenticate`); one that does not is a bug, refused here."""
+
     def decorate(view: F) -> F:
         @wraps(view)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            authenticate(*scopes)
-            return view(*args, **kwargs)
+            authenticate(*scopes, in_transaction=in_transaction)
+            response = view(*args, **kwargs)
+            if in_transaction and not g.get("vendor_checked"):
+                raise RuntimeError(f"{view.__name__} never ran vendor_gate() in its transaction")
+            return response
 
         return cast(F, wrapper)
 
     return decorate
+
+
+def vendor_gate() -> Callable[[Session], None]:
+    """The vendor status check for the view's own transaction (``requires_scope(in_transaction=True)``):
+    run first inside it, a disabled vendor gets the same 401 as at :func:`authenticate`."""
+    vendor_id = current_vendor().id
+
+    def check(session: Session) -> None:
+        if not is_active(session, vendor_id):
+            raise _unauthorized(DISABLED)
+        g.vendor_checked = True
+
+    return check
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -11,7 +11,13 @@ import orjson
 from flask import Blueprint, Response, request
 
 from fhir_bridge import fhir_push, services
-from fhir_bridge.api.common import current_principal, current_vendor, read_json, requires_scope
+from fhir_bridge.api.common import (
+    current_principal,
+    current_vendor,
+    read_json,
+    requires_scope,
+    vendor_gate,
+)
 from fhir_bridge.api.records import mapper
 from fhir_bridge.errors import FHIR_JSON
 from fhir_bridge.push import Outcome, check_idempotency_key, submit
@@ -60,24 +66,25 @@ def _push_one(resource_type: str) -> Response:
             body=request.get_data(cache=True),
             idempotency_key=key,
             work=work,
+            gate=vendor_gate(),
         )
     )
 
 
 @bp.post("/Observation")
-@requires_scope("system/Observation.c")
+@requires_scope("system/Observation.c", in_transaction=True)
 def create_observation() -> Response:
     return _push_one("Observation")
 
 
 @bp.post("/QuestionnaireResponse")
-@requires_scope("system/QuestionnaireResponse.c")
+@requires_scope("system/QuestionnaireResponse.c", in_transaction=True)
 def create_questionnaire_response() -> Response:
     return _push_one("QuestionnaireResponse")
 
 
 @bp.post("")
-@requires_scope("system/Observation.c", "system/QuestionnaireResponse.c")
+@requires_scope("system/Observation.c", "system/QuestionnaireResponse.c", in_transaction=True)
 def batch_or_transaction() -> Response:
     key = check_idempotency_key(request.headers.get("Idempotency-Key"))
     body = read_json(*MEDIA_TYPES)
@@ -98,6 +105,7 @@ def batch_or_transaction() -> Response:
             body=request.get_data(cache=True),
             idempotency_key=key,
             work=work,
+            gate=vendor_gate(),
         )
     )
 

@@ -8,7 +8,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from fhir_bridge import services, status
-from fhir_bridge.api.common import current_vendor, read_json, requires_scope
+from fhir_bridge.api.common import current_vendor, read_json, requires_scope, vendor_gate
 from fhir_bridge.errors import BadRequest
 from fhir_bridge.push import Mapper, check_idempotency_key, push
 
@@ -34,7 +34,7 @@ def mapper() -> Mapper:
 
 
 @bp.post("/records")
-@requires_scope("records.write")
+@requires_scope("records.write", in_transaction=True)
 def push_records() -> Response:
     """A batch of 1..MAX_BATCH_RECORDS native records; one result per record, in order."""
     key = check_idempotency_key(request.headers.get("Idempotency-Key"))
@@ -64,6 +64,7 @@ def push_records() -> Response:
         body=request.get_data(cache=True),
         idempotency_key=key,
         backfill=mode == "backfill",
+        gate=vendor_gate(),
     )
     response = Response(outcome.body, status=outcome.status, mimetype="application/json")
     if outcome.replayed:

@@ -311,7 +311,8 @@ def on_push(session: Session, prepared: Sequence[_Accepted], now: datetime) -> N
     pairs = sorted(patients)
     hits: set[tuple[str, str]] = set()
     for start in range(0, len(pairs), 400):
-        hits.update((t, p) for t, p in session.execute(_WITH_WORK, {"pairs": pairs[start : start + 400]}))
+        chunk = {"pairs": pairs[start : start + 400]}
+        hits.update((t, p) for t, p in session.connection().execute(_WITH_WORK, chunk))
     if not hits:
         return
     tasks_of: dict[tuple[str, str], list[CareTask]] = defaultdict(list)

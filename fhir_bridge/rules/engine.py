@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
-from sqlalchemy import Table, insert, or_, select, text
+from sqlalchemy import Table, bindparam, insert, or_, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -178,14 +178,15 @@ def on_accepted(
     return fired
 
 
+_PATIENT_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
+
+
 def _lock_patient(session: Session, tenant_id: str, patient_id: str) -> None:
     """Serialise evaluations of one patient on PostgreSQL (SQLite serialises every writer already)."""
     if session.get_bind().dialect.name != "postgresql":
         return
     digest = hashlib.sha256(f"rules\x1f{tenant_id}\x1f{patient_id}".encode()).digest()
-    session.execute(
-        text("SELECT pg_advisory_xact_lock(:k)"), {"k": int.from_bytes(digest[:8], "big", signed=True)}
-    )
+    session.connection().execute(_PATIENT_LOCK, {"k": int.from_bytes(digest[:8], "big", signed=True)})
 
 
 def load_history(
@@ -229,7 +230,27 @@ class Episode:
     ongoing: Alert | None = None
 
 
+# Built once: whether the patient has any open alert or ongoing episode (the usual answer is no).
+_ALERTS: Table = cast(Table, Alert.__table__)
+_ANY_EPISODE = (
+    select(_ALERTS.c.id)
+    .where(
+        _ALERTS.c.tenant_id == bindparam("tenant_id"),
+        _ALERTS.c.patient_id == bindparam("patient_id"),
+        or_(_ALERTS.c.status == "open", _ALERTS.c.episode_ended_at.is_(None)),
+    )
+    .limit(1)
+)
+
+
 def _episodes(session: Session, tenant_id: str, patient_id: str) -> dict[str, Episode]:
+    out: dict[str, Episode] = defaultdict(Episode)
+    # Core first, on the session's connection (same transaction): loading no ORM objects through
+    # the ORM cost most of the rules' share of a single-record push.
+    params = {"tenant_id": tenant_id, "patient_id": patient_id}
+    session.flush()  # what the ORM query would autoflush (alerts fired earlier in this transaction)
+    if session.connection().execute(_ANY_EPISODE, params).first() is None:
+        return out
     rows = session.scalars(
         select(Alert)
         .where(
@@ -239,7 +260,6 @@ def _episodes(session: Session, tenant_id: str, patient_id: str) -> dict[str, Ep
         )
         .order_by(Alert.fired_at)
     )
-    out: dict[str, Episode] = defaultdict(Episode)
     for alert in rows:
         episode = out[alert.rule_id]
         if alert.status == "open":
@@ -247,6 +267,10 @@ def _episodes(session: Session, tenant_id: str, patient_id: str) -> dict[str, Ep
         if alert.episode_ended_at is None:
             episode.ongoing = alert
     return out
+
+
+def _any_ongoing(episodes: dict[str, Episode], candidates: list[tuple[Rule, list[datetime], bool]]) -> bool:
+    return any(episodes[rule.id].ongoing is not None for rule, _, _ in candidates)
 
 
 def evaluate_patient(
@@ -278,6 +302,15 @@ def evaluate_patient(
         if moments:
             candidates.append((rule, moments, rule.trigger == "schedule"))
     if not candidates:
+        return []
+    # Only schedule rules read this data, and data can only end their episodes, which only a
+    # schedule run (not a push) starts: with none ongoing there is nothing to do and no other push
+    # can change that, so the answer needs no lock (a round trip saved on most wearable data).
+    if (
+        not schedule
+        and all(end_only for _, _, end_only in candidates)
+        and not _any_ongoing(_episodes(session, tenant_id, patient_id), candidates)
+    ):
         return []
     if not schedule:
         # Not on the schedule: its transaction would hold every patient's lock until the run ends,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -11,6 +13,9 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+# Execution option for a connection that only reads (one statement): on SQLite it takes no write lock.
+READ_ONLY = "fhir_bridge_read_only"
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
@@ -47,6 +52,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Any) -> None:
+            if conn.get_execution_options().get(READ_ONLY):
+                return  # one read in autocommit mode: no write lock, nothing to commit
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
@@ -60,6 +67,50 @@ def _create_private_file(path: Path) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
+class WriterLock:
+    """One SQLite writer at a time across this machine's processes, handed over without sleeping.
+
+    Why: SQLite already serialises writers, but a writer that finds the lock taken sleeps in
+    SQLite's busy handler (1, 2, 5, 10 ... ms) and retries. Under concurrent single-record pushes
+    (2 gunicorn workers x 4 threads) most of the wall time went to those sleeps: about 280 pushes/s
+    with the cores half idle, and a p99 in the hundreds of milliseconds. Here the threads of a
+    process queue on a lock and the processes on ``flock`` of a file beside the database, so the
+    next writer starts the moment the previous one commits. Reentrant per thread (a nested
+    ``transaction()`` takes nothing more; it would wait on SQLite's own lock as before).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._fd = -1
+        self._pid = 0
+
+    def _file(self) -> int:
+        # Per process: a descriptor inherited across fork shares its flock with the parent.
+        if self._pid != os.getpid():
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._pid = os.getpid()
+        return self._fd
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        if self._pid != os.getpid() and self._pid:
+            # A forked child: the parent's lock state (maybe held by a thread that is not here) is void.
+            self._lock, self._depth = threading.RLock(), 0
+        with self._lock:
+            fd = self._file()
+            if self._depth == 0:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+
+
 class Database:
     """An engine plus a session factory. Built once per process by the app factory or the CLI."""
 
@@ -67,6 +118,10 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        parsed = make_url(url)
+        self._writer: WriterLock | None = None
+        if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+            self._writer = WriterLock(Path(parsed.database + "-writer.lock"))
 
     @property
     def dialect(self) -> str:
@@ -74,8 +129,16 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
-        """A session inside one transaction: committed on success, rolled back on any error."""
-        with self.sessions.begin() as session:
+        """A session inside one transaction: committed on success, rolled back on any error.
+
+        On SQLite every transaction writes (``BEGIN IMMEDIATE``), so it starts only once it holds
+        the :class:`WriterLock`.
+        """
+        if self._writer is None:
+            with self.sessions.begin() as session:
+                yield session
+            return
+        with self._writer.hold(), self.sessions.begin() as session:
             yield session
 
     def dispose(self) -> None:

@@ -16,6 +16,7 @@ on the key; SQLite serialises writers, so the second simply waits and then repla
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -25,7 +26,7 @@ from typing import Any
 
 import orjson
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
-from sqlalchemy import Table, bindparam, insert, select, text
+from sqlalchemy import Table, bindparam, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -36,6 +37,7 @@ from fhir_bridge.relationship import tasks
 from fhir_bridge.rules.engine import on_accepted
 from fhir_bridge.settings import Settings
 from fhir_bridge.storage import Database
+from fhir_bridge.storage.bulk import BulkInsert
 from fhir_bridge.storage.models import Enrollment, OutboxItem, Record, Submission, VendorClient
 from mappings import Catalog, MappedResource, MappingContext, Measurement
 from mappings.identity import device_full_url
@@ -146,6 +148,20 @@ class Prepared:
     resources: Sequence[MappedResource]
     # The numbers the record carried (the rules' ledger, fhir_bridge.rules).
     measurements: Sequence[Measurement] = ()
+    # The Record row's id (``result.id`` as a UUID); :meth:`record_pk` fills it when a caller did not.
+    pk: uuid.UUID | None = None
+
+    def record_pk(self) -> uuid.UUID:
+        if self.pk is None:
+            self.pk = uuid.UUID(self.result.id or "")
+        return self.pk
+
+
+def new_ids(count: int) -> list[uuid.UUID]:
+    """``count`` random (version 4) UUIDs, as :func:`uuid.uuid4` makes them, from one ``urandom`` call:
+    a system call per record was a visible share of a batch push."""
+    raw = os.urandom(16 * count)
+    return [uuid.UUID(bytes=raw[i : i + 16], version=4) for i in range(0, 16 * count, 16)]
 
 
 @dataclass(frozen=True)
@@ -462,6 +478,7 @@ def _evaluate(
     existing = existing_records(session, vendor, {rec["record_id"] for _, rec in valid})
     seen_in_batch: dict[str, Result] = {}
     prepared: list[Prepared] = []
+    ids = iter(new_ids(len(valid)))
     for result, rec in valid:
         record_id = rec["record_id"]
         if record_id in existing:
@@ -486,10 +503,25 @@ def _evaluate(
         if problems:
             result.errors = problems
             continue
-        result.status, result.id = "accepted", str(uuid.uuid4())
+        pk = next(ids)
+        result.status, result.id = "accepted", str(pk)
         seen_in_batch[record_id] = result
-        prepared.append(Prepared(result, record_id, rec["measure"], enrollment, resources, measurements))
+        prepared.append(
+            Prepared(result, record_id, rec["measure"], enrollment, resources, measurements, pk=pk)
+        )
     return results, prepared
+
+
+_RECORD_ROWS = BulkInsert(
+    RECORDS,
+    varying=("id", "vendor_record_id", "measure", "enrollment_id"),
+    constant=("submission_id", "vendor_id", "status", "created_at", "updated_at"),
+)
+_OUTBOX_ROWS = BulkInsert(
+    OUTBOX,
+    varying=("tenant_id", "record_id", "group_key", "resource_type", "ident_system", "ident_value", "body"),
+    constant=("method", "priority", "status", "attempts", "next_attempt_at", "created_at"),
+)
 
 
 def write_accepted(
@@ -502,49 +534,48 @@ def write_accepted(
     group_key: str | None = None,
     priority: int = 0,
 ) -> None:
-    """Insert the records and their outbox items (executemany: one round trip per table)."""
+    """Insert the records and their outbox items, then the rules' ledger and the relationship hooks.
+
+    One ``executemany`` per table with the batch's constant values converted once
+    (:class:`fhir_bridge.storage.bulk.BulkInsert`): no ORM objects and no per-row parameter dicts.
+    """
     if not prepared:
         return
-    # Core executemany (one round trip per table, no ORM unit-of-work bookkeeping per row).
     connection = session.connection()
-    pks = [uuid.UUID(p.result.id or "") for p in prepared]
-    connection.execute(
-        insert(RECORDS),
-        [
-            {
-                "id": pk,
-                "submission_id": submission_id,
-                "vendor_id": vendor.id,
-                "vendor_record_id": p.record_id,
-                "measure": p.measure,
-                "enrollment_id": p.enrollment.id,
-                "status": "queued",
-                "created_at": now,
-                "updated_at": now,
-            }
-            for p, pk in zip(prepared, pks, strict=True)
-        ],
+    _RECORD_ROWS.execute(
+        connection,
+        [(p.record_pk(), p.record_id, p.measure, p.enrollment.id) for p in prepared],
+        {
+            "submission_id": submission_id,
+            "vendor_id": vendor.id,
+            "status": "queued",
+            "created_at": now,
+            "updated_at": now,
+        },
     )
-    connection.execute(
-        insert(OUTBOX),
+    _OUTBOX_ROWS.execute(
+        connection,
         [
-            {
-                "tenant_id": p.enrollment.tenant_id,
-                "record_id": pk,
-                "group_key": group_key or p.result.id,
-                "resource_type": res.resource_type,
-                "ident_system": res.identifier_system,
-                "ident_value": res.identifier_value,
-                "body": orjson.dumps(res.resource),
-                "priority": priority,
-                "status": "pending",
-                "attempts": 0,
-                "next_attempt_at": now,
-                "created_at": now,
-            }
-            for p, pk in zip(prepared, pks, strict=True)
+            (
+                p.enrollment.tenant_id,
+                p.pk,
+                group_key or p.result.id,
+                res.resource_type,
+                res.identifier_system,
+                res.identifier_value,
+                orjson.dumps(res.resource),
+            )
+            for p in prepared
             for res in p.resources
         ],
+        {
+            "method": "create",
+            "priority": priority,
+            "status": "pending",
+            "attempts": 0,
+            "next_attempt_at": now,
+            "created_at": now,
+        },
     )
     # Rules (issue 8): the measurement ledger and rule evaluation, in this same transaction.
     on_accepted(session, prepared, now)
@@ -552,4 +583,15 @@ def write_accepted(
     tasks.on_push(session, prepared, now)
 
 
-__all__ = ["Mapper", "Outcome", "Prepared", "Problem", "Result", "Work", "push", "submit", "write_accepted"]
+__all__ = [
+    "Mapper",
+    "Outcome",
+    "Prepared",
+    "Problem",
+    "Result",
+    "Work",
+    "new_ids",
+    "push",
+    "submit",
+    "write_accepted",
+]

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
-from sqlalchemy import Table, insert, or_, select, text
+from sqlalchemy import Table, or_, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -52,6 +52,7 @@ from fhir_bridge.rules.model import (
     load_rules,
     run_rule,
 )
+from fhir_bridge.storage.bulk import BulkInsert
 from fhir_bridge.storage.models import Alert, Enrollment, Measurement, OutboxItem, SchedulerLease
 from mappings.identity import CANONICAL
 
@@ -130,11 +131,27 @@ class Touched:
     points: list[Point]
 
 
+_LEDGER_ROWS = BulkInsert(
+    _MEASUREMENTS,
+    varying=(
+        "tenant_id",
+        "patient_id",
+        "enrollment_id",
+        "record_id",
+        "code",
+        "at",
+        "utc_offset_min",
+        "value",
+    ),
+    constant=(),
+)
+
+
 def on_accepted(
     session: Session, prepared: Sequence[Prepared], now: datetime, *, rules_dir: Path | None = None
 ) -> list[Alert]:
     """Ledger rows for the accepted records, then rule evaluation per patient; returns alerts fired."""
-    rows: list[dict[str, Any]] = []
+    rows: list[tuple[Any, ...]] = []
     touched: dict[tuple[str, str], Touched] = {}
     for p in prepared:
         measurements = getattr(p, "measurements", ())
@@ -142,25 +159,28 @@ def on_accepted(
             continue
         enrollment = p.enrollment
         key = (enrollment.tenant_id, enrollment.patient_id)
-        entry = touched.setdefault(key, Touched(key[0], key[1], enrollment.id, []))
+        entry = touched.get(key)
+        if entry is None:
+            entry = touched[key] = Touched(key[0], key[1], enrollment.id, [])
+        record_pk = p.record_pk()
         for m in measurements:
             offset = m.time.utcoffset()
             rows.append(
-                {
-                    "tenant_id": enrollment.tenant_id,
-                    "patient_id": enrollment.patient_id,
-                    "enrollment_id": enrollment.id,
-                    "record_id": uuid.UUID(p.result.id),
-                    "code": m.code,
-                    "at": m.time,
-                    "utc_offset_min": int(offset.total_seconds() // 60) if offset is not None else 0,
-                    "value": float(m.value),
-                }
+                (
+                    key[0],
+                    key[1],
+                    enrollment.id,
+                    record_pk,
+                    m.code,
+                    m.time,
+                    int(offset.total_seconds() // 60) if offset is not None else 0,
+                    float(m.value),
+                )
             )
             entry.points.append(Point(m.code, m.time.astimezone(UTC)))
     if not rows:
         return []
-    session.connection().execute(insert(_MEASUREMENTS), rows)
+    _LEDGER_ROWS.execute(session.connection(), rows, {})
     if rules_dir is None:
         rules_dir = configured_rules_dir()
     fired: list[Alert] = []

@@ -111,7 +111,7 @@ def test_varying_uuids_and_aware_datetimes_are_converted_per_row(db: Database) -
                 status="queued",
                 created_at=NOW,
                 updated_at=NOW,
-            )  # fmt: skip
+            )
             for n, rid in enumerate(record_ids)
         )
         session.flush()
@@ -130,7 +130,7 @@ def test_varying_uuids_and_aware_datetimes_are_converted_per_row(db: Database) -
                 "enrollment_id": enrollment.id,
                 "code": "mood.rating",
                 "utc_offset_min": 0,
-            },  # fmt: skip
+            },
         )
     with db.sessions() as session:
         rows = session.scalars(select(Measurement).order_by(Measurement.value)).all()

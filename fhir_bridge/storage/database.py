@@ -43,6 +43,11 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.execute("PRAGMA synchronous=NORMAL")
+            # Page cache of up to 16 MiB per connection (SQLite's default is 2 MiB): a batch push
+            # inserts into random places of the UUID-keyed indexes, and with the default cache most
+            # of those pages were read back from the file on every batch (outbox inserts of a
+            # 1,000-record push: ~14 -> ~10 us CPU per row once the database outgrows 2 MiB).
+            cursor.execute("PRAGMA cache_size=-16384")
             cursor.close()
 
         @event.listens_for(engine, "begin")

@@ -541,10 +541,33 @@ def write_accepted(
     """
     if not prepared:
         return
+    records: list[tuple[Any, ...]] = []
+    items: list[tuple[Any, ...]] = []
+    dumps = orjson.dumps
+    last: Enrollment | None = None
+    for p in prepared:
+        enrollment = p.enrollment
+        if enrollment is not last:  # ORM attribute reads are not free; a batch is mostly one user's
+            last, tenant_id, enrollment_id = enrollment, enrollment.tenant_id, enrollment.id
+        pk = p.record_pk()
+        records.append((pk, p.record_id, p.measure, enrollment_id))
+        group = group_key or p.result.id
+        for res in p.resources:
+            items.append(
+                (
+                    tenant_id,
+                    pk,
+                    group,
+                    res.resource_type,
+                    res.identifier_system,
+                    res.identifier_value,
+                    dumps(res.resource),
+                )
+            )
     connection = session.connection()
     _RECORD_ROWS.execute(
         connection,
-        [(p.record_pk(), p.record_id, p.measure, p.enrollment.id) for p in prepared],
+        records,
         {
             "submission_id": submission_id,
             "vendor_id": vendor.id,
@@ -555,19 +578,7 @@ def write_accepted(
     )
     _OUTBOX_ROWS.execute(
         connection,
-        [
-            (
-                p.enrollment.tenant_id,
-                p.pk,
-                group_key or p.result.id,
-                res.resource_type,
-                res.identifier_system,
-                res.identifier_value,
-                orjson.dumps(res.resource),
-            )
-            for p in prepared
-            for res in p.resources
-        ],
+        items,
         {
             "method": "create",
             "priority": priority,

@@ -30,15 +30,35 @@ Processor = Callable[[Any], Any]
 @dataclass(frozen=True)
 class _Plan:
     sql: str
-    # (index in the row, processor) for the varying columns whose type converts values.
-    converters: tuple[tuple[int, Processor], ...]
+    # Builds the DBAPI parameter tuples: (rows, constant values already converted) -> list of tuples.
+    params: Callable[[Iterable[Sequence[Any]], tuple[Any, ...]], list[tuple[Any, ...]]]
     processors: dict[str, Processor | None]
+
+
+def _params_function(
+    width: int, converters: dict[int, Processor]
+) -> Callable[[Iterable[Sequence[Any]], tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """A generated comprehension that unpacks each row into locals, converts the columns that need
+    it and appends the constants: the loop runs once per row, so it is written out, not interpreted
+    column by column. The source holds only generated names (``v0``, ``p0``); no data goes into it."""
+    names = [f"v{i}" for i in range(width)]
+    values = [f"(None if v{i} is None else p{i}(v{i}))" if i in converters else f"v{i}" for i in range(width)]
+    unpack = f"{', '.join(names)},"
+    source = (
+        f"def params(rows, fixed, {''.join(f'p{i}=p{i}, ' for i in converters)}):\n"
+        f"    return [({''.join(v + ', ' for v in values)}*fixed) for {unpack} in rows]\n"
+    )
+    namespace: dict[str, Any] = {f"p{i}": proc for i, proc in converters.items()}
+    exec(source, namespace)  # noqa: S102 - generated from column positions only
+    return namespace["params"]  # type: ignore[no-any-return]
 
 
 class BulkInsert:
     """``INSERT INTO table (varying..., constant...)`` executed once per call with many rows."""
 
     def __init__(self, table: Table, *, varying: Sequence[str], constant: Sequence[str]) -> None:
+        if not varying:
+            raise ValueError("a bulk insert needs at least one varying column")
         unknown = [name for name in (*varying, *constant) if name not in table.c]
         if unknown:
             raise ValueError(f"{table.name} has no column {', '.join(unknown)}")
@@ -66,10 +86,11 @@ class BulkInsert:
             columns = ", ".join(quote(n) for n in names)
             markers = ", ".join([marker] * len(names))
             sql = f"INSERT INTO {table_name} ({columns}) VALUES ({markers})"  # noqa: S608
-            converters = tuple(
-                (i, proc) for i, name in enumerate(self.varying) if (proc := processors[name]) is not None
-            )
-            plan = self._plans[dialect.name] = _Plan(sql, converters, processors)
+            converters = {
+                i: proc for i, name in enumerate(self.varying) if (proc := processors[name]) is not None
+            }
+            plan = _Plan(sql, _params_function(len(self.varying), converters), processors)
+            self._plans[dialect.name] = plan
         return plan
 
     def execute(
@@ -84,19 +105,7 @@ class BulkInsert:
             value if (proc := plan.processors[name]) is None or value is None else proc(value)
             for name, value in ((n, constants[n]) for n in self.constant)
         )
-        converters = plan.converters
-        params: list[tuple[Any, ...]]
-        if converters:
-            params = []
-            for row in rows:
-                values = list(row)
-                for i, proc in converters:
-                    value = values[i]
-                    if value is not None:
-                        values[i] = proc(value)
-                params.append((*values, *fixed))
-        else:
-            params = [(*row, *fixed) for row in rows]
+        params = plan.params(rows, fixed)
         if params:
             connection.exec_driver_sql(plan.sql, params)
         return len(params)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any, cast
 
+import orjson
 import pytest
 from sqlalchemy import Table, select, text
 from sqlalchemy.exc import IntegrityError
@@ -160,3 +162,53 @@ def test_constants_must_match_the_declared_columns(db: Database) -> None:
         ITEMS.execute(session.connection(), [], {"tenant_id": "t1"})
     with pytest.raises(ValueError, match="no column nope"):
         BulkInsert(OUTBOX, varying=("nope",), constant=())
+
+
+def test_a_push_racing_another_with_the_same_records_retries_and_reports_duplicates(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race: a second push looked up its record ids before the first committed them. Its batch
+    insert (COPY on PostgreSQL) then meets the unique key; the push retries once, sees duplicates,
+    and nothing is written twice. The lookup is made blind once to stand for the race's timing."""
+    from fhir_bridge import push as push_module
+    from fhir_bridge.settings import load_settings
+    from fhir_bridge.storage.models import Enrollment, Record, VendorClient
+
+    with db.transaction() as session:
+        vendor = VendorClient(client_id="v", name="V", scopes="records.write")
+        session.add(vendor)
+        session.flush()
+        session.add(Enrollment(tenant_id="t1", patient_id="p1", vendor_id=vendor.id, app_user_id="u1",
+                               status="active", claimed_at=NOW))  # fmt: skip
+        session.flush()
+        session.expunge(vendor)
+    mapper = push_module.Mapper(load_settings({"INSTANCE_PATH": str(tmp_path)}, environ={}))
+    records = [
+        {"record_id": f"r{n}", "app_user_id": "u1", "measure": "mood",
+         "data": {"time": "2026-03-01T08:00:00+02:00", "rating": n}}
+        for n in range(5)
+    ]  # fmt: skip
+
+    def run() -> dict[str, Any]:
+        body = orjson.dumps({"records": records})
+        outcome = push_module.push(
+            db, mapper, vendor=vendor, records=records, body=body, idempotency_key=None
+        )
+        assert outcome.status == 200
+        return dict(orjson.loads(outcome.body)["counts"])
+
+    assert run() == {"accepted": 5, "duplicate": 0, "rejected": 0}
+    real = push_module.existing_records
+    calls: list[int] = []
+
+    def blind_once(*args: Any) -> dict[str, uuid.UUID]:
+        calls.append(1)
+        return {} if len(calls) == 1 else real(*args)
+
+    monkeypatch.setattr(push_module, "existing_records", blind_once)
+    assert run() == {"accepted": 0, "duplicate": 5, "rejected": 0}
+    assert len(calls) == 2  # the first run failed on the unique key and was retried
+    with db.sessions() as session:
+        assert len(session.scalars(select(Record.id)).all()) == 5
+        assert len(session.scalars(select(OutboxItem.id)).all()) == 5
+        assert len(session.scalars(select(Measurement.id)).all()) == 5

@@ -19,7 +19,8 @@ import hashlib
 import os
 import re
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -275,19 +276,37 @@ class Mapper:
         now: datetime,
     ) -> tuple[Sequence[MappedResource], list[Problem], Sequence[Measurement]]:
         """:meth:`map` plus the record's measurements (for the rules' ledger)."""
-        result = self.catalog.map(
-            measure,
-            data,
-            MappingContext(
-                vendor_id=vendor.client_id,
-                record_id=record_id,
-                patient_reference=f"Patient/{patient_id}",
-                device_full_url=device_full_url(vendor.client_id),
-                received_at=now,
-            ),
-        )
-        problems = [Problem(r.code, _data_path(r.field), r.message) for r in result.rejections]
-        return result.resources, problems, result.measurements
+        with self.batch(vendor=vendor, now=now) as map_record:
+            return map_record(record_id, measure, data, patient_id)
+
+    @contextmanager
+    def batch(self, *, vendor: VendorClient, now: datetime) -> Iterator[MapRecord]:
+        """:meth:`map_measured` for the records of one push, as ``(record_id, measure, data, patient_id)``.
+
+        What is the same for every record (the catalogue, the vendor's id and Device, the mapping
+        context's notion of "now") is looked up once per push instead of once per record.
+        """
+        vendor_id = vendor.client_id
+        device = device_full_url(vendor_id)
+        with self.catalog.batch(now) as map_one:
+
+            def map_record(
+                record_id: str, measure: str, data: dict[str, Any], patient_id: str
+            ) -> tuple[Sequence[MappedResource], list[Problem], Sequence[Measurement]]:
+                result = map_one(
+                    measure, data, MappingContext(vendor_id, record_id, f"Patient/{patient_id}", device, now)
+                )
+                if not result.rejections:
+                    return result.resources, [], result.measurements
+                problems = [Problem(r.code, _data_path(r.field), r.message) for r in result.rejections]
+                return result.resources, problems, result.measurements
+
+            yield map_record
+
+
+MapRecord = Callable[
+    [str, str, dict[str, Any], str], tuple[Sequence[MappedResource], list[Problem], Sequence[Measurement]]
+]
 
 
 def _data_path(field_name: str) -> str:
@@ -486,40 +505,37 @@ def _evaluate(
             result.errors = _marshmallow_problems(exc.messages)
 
     enrollments = active_by_app_user(session, vendor.id, {rec["app_user_id"] for _, rec in valid})
+    patients = {e: e.patient_id for e in enrollments.values()}  # ORM attribute reads, once per user
     existing = existing_records(session, vendor, {rec["record_id"] for _, rec in valid})
     seen_in_batch: dict[str, Result] = {}
     prepared: list[Prepared] = []
     ids = iter(new_ids(len(valid)))
-    for result, rec in valid:
-        record_id = rec["record_id"]
-        if record_id in existing:
-            result.status, result.id = "duplicate", str(existing[record_id])
-            continue
-        first = seen_in_batch.get(record_id)
-        if first is not None:
-            result.status, result.id = "duplicate", first.id
-            continue
-        enrollment = enrollments.get(rec["app_user_id"])
-        if enrollment is None:
-            result.errors.append(Problem("not-enrolled", "app_user_id", NOT_ENROLLED))
-            continue
-        resources, problems, measurements = mapper.map_measured(
-            vendor=vendor,
-            record_id=record_id,
-            measure=rec["measure"],
-            data=rec["data"],
-            patient_id=enrollment.patient_id,
-            now=now,
-        )
-        if problems:
-            result.errors = problems
-            continue
-        pk = next(ids)
-        result.status, result.id = "accepted", str(pk)
-        seen_in_batch[record_id] = result
-        prepared.append(
-            Prepared(result, record_id, rec["measure"], enrollment, resources, measurements, pk=pk)
-        )
+    with mapper.batch(vendor=vendor, now=now) as map_record:
+        for result, rec in valid:
+            record_id = rec["record_id"]
+            if record_id in existing:
+                result.status, result.id = "duplicate", str(existing[record_id])
+                continue
+            first = seen_in_batch.get(record_id)
+            if first is not None:
+                result.status, result.id = "duplicate", first.id
+                continue
+            enrollment = enrollments.get(rec["app_user_id"])
+            if enrollment is None:
+                result.errors.append(Problem("not-enrolled", "app_user_id", NOT_ENROLLED))
+                continue
+            resources, problems, measurements = map_record(
+                record_id, rec["measure"], rec["data"], patients[enrollment]
+            )
+            if problems:
+                result.errors = problems
+                continue
+            pk = next(ids)
+            result.status, result.id = "accepted", str(pk)
+            seen_in_batch[record_id] = result
+            prepared.append(
+                Prepared(result, record_id, rec["measure"], enrollment, resources, measurements, pk=pk)
+            )
     return results, prepared
 
 

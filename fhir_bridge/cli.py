@@ -285,6 +285,11 @@ def worker(ctx: Context, once: bool, threads: int | None, metrics_port: int | No
         while not stop.is_set() and runner.run_once():
             pass
         return
+    from fhir_bridge.server import freeze_startup_heap
+
+    # The long-running worker only (``--once`` also runs inside other processes, e.g. tests):
+    # what exists after start-up lives as long as the process.
+    freeze_startup_heap()
     runner.run(threads=threads or settings.worker_threads, schedule=True)
 
 

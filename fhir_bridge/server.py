@@ -52,6 +52,16 @@ def settle_heap(app: Any) -> None:
     # A broken catalogue is reported where it is used, as it would be without this warm-up.
     with app.app_context(), contextlib.suppress(MappingSpecError):
         catalog_for(services.current().settings)
+    freeze_startup_heap()
+
+
+def freeze_startup_heap() -> None:
+    """``gc.freeze()`` what is alive now and raise the generation-0 threshold (see :func:`settle_heap`).
+
+    ``fhir-bridge worker`` calls it once its services are built: delivering 2,250 resources in
+    Bundles of 100 ran 67 generation-0 and 6 generation-1 collections over the startup heap, 2.8 %
+    of the worker's CPU; frozen, none ran (bench delivery, SQLite, in-process).
+    """
     gc.collect()
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()

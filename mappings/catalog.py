@@ -10,8 +10,9 @@ loads maps every record it is given to valid FHIR, or to rejections; it never fa
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from datetime import timedelta
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -58,22 +59,40 @@ class Catalog:
 
     def map(self, measure: str, data: Any, context: MappingContext) -> MapResult:
         """Validate and map one record's ``data``. Never raises for bad data: it returns rejections."""
-        if context.received_at.tzinfo is None:
+        with self.batch(context.received_at) as map_one:
+            return map_one(measure, data, context)
+
+    @contextmanager
+    def batch(self, received_at: datetime) -> Iterator[Callable[[Any, Any, MappingContext], MapResult]]:
+        """:meth:`map` for many records received at one moment (a push): yields the per-record function.
+
+        Why: the per-record context that tells the field checks what "in the future" means is the
+        same for a whole batch, and entering it per record was a visible share of mapping. Every
+        record mapped inside must carry this ``received_at`` in its context (checked).
+        """
+        if received_at.tzinfo is None:
             raise ValueError("MappingContext.received_at must be timezone-aware")
-        mapper = self._mappers.get(measure) if isinstance(measure, str) else None
-        if mapper is None:
-            known = ", ".join(self._mappers)
-            return MapResult(
-                rejections=(
-                    Rejection("unknown-measure", "measure", f"Unknown measure; known measures: {known}."),
+        mappers = self._mappers
+
+        def map_one(measure: Any, data: Any, context: MappingContext) -> MapResult:
+            if context.received_at is not received_at and context.received_at != received_at:
+                raise ValueError("every record of a batch must be received at the batch's moment")
+            mapper = mappers.get(measure) if isinstance(measure, str) else None
+            if mapper is None:
+                known = ", ".join(mappers)
+                return MapResult(
+                    rejections=(
+                        Rejection("unknown-measure", "measure", f"Unknown measure; known measures: {known}."),
+                    )
                 )
-            )
-        if not isinstance(data, dict):
-            return MapResult(
-                rejections=(Rejection("wrong-type", "data", "The record's data must be a JSON object."),)
-            )
-        with RECORD_CONTEXT({"latest": context.received_at + self.future_tolerance}):
+            if not isinstance(data, dict):
+                return MapResult(
+                    rejections=(Rejection("wrong-type", "data", "The record's data must be a JSON object."),)
+                )
             return mapper.map(data, context)
+
+        with RECORD_CONTEXT({"latest": received_at + self.future_tolerance}):
+            yield map_one
 
     def questionnaires(self) -> list[dict[str, Any]]:
         """The FHIR Questionnaires of the questionnaire measures (fresh copies; callers may change them)."""

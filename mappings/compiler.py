@@ -193,7 +193,7 @@ class ObservationMapper(_Mapper):
         ident, url = _identity(spec.id, "main", ctx)
         res = self._skeleton()
         res["identifier"] = [{"system": RECORD_IDENTIFIER_SYSTEM, "value": ident}]
-        res["subject"] = _reference(ctx.patient_reference)
+        res["subject"] = {"reference": ctx.patient_reference}
         eff = spec.effective
         if eff.date_time is not None:
             when = values[eff.date_time]
@@ -206,23 +206,28 @@ class ObservationMapper(_Mapper):
             assert eff.start is not None and eff.end is not None
             when = values[eff.start]
             res["effectivePeriod"] = {"start": fhir_datetime(when), "end": fhir_datetime(values[eff.end])}
-        res["performer"] = [_reference(ctx.patient_reference)]
+        res["performer"] = [{"reference": ctx.patient_reference}]
         if self._value is not None:
             key, name, build = self._value
             res[key] = build(values[name])
-        res["device"] = _reference(ctx.device_full_url)
+        res["device"] = {"reference": ctx.device_full_url}
         if self._components:
             res["component"] = [
                 {"code": code(), key: build(values[name])}
                 for code, name, key, build in self._components
                 if name in values
             ]
+        # A list comprehension, not a generator: this runs per record, and a generator costs more.
         measurements = tuple(
-            Measurement(m.code, when, float(values[m.source]))
-            for m in spec.measurements
-            if m.source in values
+            [
+                Measurement(m.code, when, float(values[m.source]))
+                for m in spec.measurements
+                if m.source in values
+            ]
         )
-        return MapResult(resources=(_mapped(res, ident, url),), measurements=measurements)
+        return MapResult(
+            (MappedResource("Observation", RECORD_IDENTIFIER_SYSTEM, ident, url, res),), (), measurements
+        )
 
     def samples(self) -> list[dict[str, Any]]:
         """Validated values at both ends of every range, every optional field present."""

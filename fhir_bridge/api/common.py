@@ -175,6 +175,34 @@ def _depth_ok(value: Any, limit: int) -> bool:
     return True
 
 
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_AS_PARENS = bytes.maketrans(b"[]{}", b"()()")
+
+
+def _text_depth_ok(raw: bytes, limit: int) -> bool | None:
+    """:func:`_depth_ok` read off the text of a document orjson accepted, or None when it cannot tell.
+
+    Why: walking the parsed value was ~2 % of a 1,000-record push; this runs in C-level byte
+    operations. Without any backslash no string holds an escaped quote, so the parts between
+    quotes alternate outside/inside strings; what stays outside, reduced to its brackets, is a
+    balanced sequence (the text is valid JSON) whose innermost pairs ``()`` vanish one nesting
+    level per ``replace``. With a backslash it answers None and the caller walks the value.
+    """
+    if b"\\" in raw:
+        return None
+    brackets = b"".join(raw.split(b'"')[::2]).translate(_AS_PARENS, _NOT_BRACKET)
+    for _ in range(limit):
+        if not brackets:
+            return True
+        brackets = brackets.replace(b"()", b"")
+    return not brackets
+
+
+def _within_depth(raw: bytes, shape: Any) -> bool:
+    quick = _text_depth_ok(raw, MAX_DEPTH)
+    return _depth_ok(shape, MAX_DEPTH) if quick is None else quick
+
+
 def read_json(*media_types: str) -> Any:
     """The request body as JSON, refusing anything ambiguous (see the module docstring)."""
     max_bytes = services.current().settings.max_body_bytes
@@ -216,7 +244,7 @@ def read_json(*media_types: str) -> Any:
                 f"The JSON is nested deeper than {MAX_DEPTH} levels.", code="json-too-deep"
             ) from None
         shape = None
-    if shape is not None and not _depth_ok(shape, MAX_DEPTH):
+    if shape is not None and not _within_depth(raw, shape):
         raise BadRequest(f"The JSON is nested deeper than {MAX_DEPTH} levels.", code="json-too-deep")
     # Then the standard parser with hooks, for what orjson silently accepts (duplicate keys) and for
     # precise messages on what it refuses (NaN, Infinity, out-of-range numbers, syntax errors).

@@ -304,7 +304,9 @@ def on_push(session: Session, prepared: Sequence[_Accepted], now: datetime) -> N
     pushes find none and cost nothing more. Otherwise, per such patient: which measures arrived (native
     records by name; FHIR pushes by Questionnaire canonical or Observation code) and their values.
     """
-    patients = {(p.enrollment.tenant_id, p.enrollment.patient_id) for p in prepared}
+    # Enrollments first (a batch is mostly one app user's): ORM attribute reads once per enrollment.
+    enrollments = {id(p.enrollment): p.enrollment for p in prepared}.values()
+    patients = {(e.tenant_id, e.patient_id) for e in enrollments}
     if not patients:
         return
     # One round trip, no ORM objects, for the usual answer "nothing to do for these patients".

@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import orjson
-from sqlalchemy import Table, bindparam, insert, or_, select, text
+from sqlalchemy import Table, bindparam, or_, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -52,6 +52,7 @@ from fhir_bridge.rules.model import (
     load_rules,
     run_rule,
 )
+from fhir_bridge.storage.bulk import BulkInsert
 from fhir_bridge.storage.models import Alert, Enrollment, Measurement, OutboxItem, SchedulerLease
 from mappings.identity import CANONICAL
 
@@ -116,8 +117,9 @@ def check_rules(rules_dir: Path | None) -> None:
 # -- the ledger -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Point:
+class Point(NamedTuple):
+    """A new measurement of a push (a tuple: a 1,000-record push makes a thousand of them)."""
+
     code: str
     at: datetime
 
@@ -130,37 +132,61 @@ class Touched:
     points: list[Point]
 
 
+_LEDGER_ROWS = BulkInsert(
+    _MEASUREMENTS,
+    varying=(
+        "tenant_id",
+        "patient_id",
+        "enrollment_id",
+        "record_id",
+        "code",
+        "at",
+        "utc_offset_min",
+        "value",
+    ),
+    constant=(),
+)
+
+
 def on_accepted(
     session: Session, prepared: Sequence[Prepared], now: datetime, *, rules_dir: Path | None = None
 ) -> list[Alert]:
     """Ledger rows for the accepted records, then rule evaluation per patient; returns alerts fired."""
-    rows: list[dict[str, Any]] = []
+    rows: list[tuple[Any, ...]] = []
     touched: dict[tuple[str, str], Touched] = {}
+    last: Enrollment | None = None
     for p in prepared:
         measurements = getattr(p, "measurements", ())
         if not measurements or p.result.id is None:
             continue
         enrollment = p.enrollment
-        key = (enrollment.tenant_id, enrollment.patient_id)
-        entry = touched.setdefault(key, Touched(key[0], key[1], enrollment.id, []))
+        if enrollment is not last:  # a batch is mostly one app user's: read the ORM attributes once
+            last = enrollment
+            tenant_id, patient_id, enrollment_id = enrollment.tenant_id, enrollment.patient_id, enrollment.id
+            entry = touched.get((tenant_id, patient_id))
+            if entry is None:
+                entry = touched[(tenant_id, patient_id)] = Touched(tenant_id, patient_id, enrollment_id, [])
+            points = entry.points
+        record_pk = p.record_pk()
         for m in measurements:
-            offset = m.time.utcoffset()
+            at = m.time
+            offset = at.utcoffset()
             rows.append(
-                {
-                    "tenant_id": enrollment.tenant_id,
-                    "patient_id": enrollment.patient_id,
-                    "enrollment_id": enrollment.id,
-                    "record_id": uuid.UUID(p.result.id),
-                    "code": m.code,
-                    "at": m.time,
-                    "utc_offset_min": int(offset.total_seconds() // 60) if offset is not None else 0,
-                    "value": float(m.value),
-                }
+                (
+                    tenant_id,
+                    patient_id,
+                    enrollment_id,
+                    record_pk,
+                    m.code,
+                    at,
+                    int(offset.total_seconds() // 60) if offset is not None else 0,
+                    float(m.value),
+                )
             )
-            entry.points.append(Point(m.code, m.time.astimezone(UTC)))
+            points.append(Point(m.code, at.astimezone(UTC)))
     if not rows:
         return []
-    session.connection().execute(insert(_MEASUREMENTS), rows)
+    _LEDGER_ROWS.execute(session.connection(), rows, {})
     if rules_dir is None:
         rules_dir = configured_rules_dir()
     fired: list[Alert] = []

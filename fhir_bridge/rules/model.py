@@ -572,8 +572,10 @@ def run_rule(
 
 def data_moments(rule: Rule, points: Iterable[tuple[str, datetime]]) -> list[datetime]:
     """The moments a data-triggered evaluation looks at: each new measurement the rule reads."""
-    reads_all = ANY in rule.codes
-    return sorted({at for code, at in points if reads_all or code in rule.codes})
+    codes = rule.codes  # a property that builds a new set: once per call, not once per point
+    if ANY in codes:
+        return sorted({at for _, at in points})
+    return sorted({at for code, at in points if code in codes})
 
 
 def simulate(

@@ -34,3 +34,13 @@ def test_settle_heap_loads_the_catalogue_and_freezes_the_startup_heap(app: Flask
     assert "phq9" in catalog_for(settings)
     assert _cached.cache_info().hits >= 1
     assert app.test_client().get("/readyz").status_code == 200
+
+
+def test_the_worker_freezes_its_startup_heap_the_same_way(gc_restored: None) -> None:
+    from fhir_bridge.server import freeze_startup_heap
+
+    gc.unfreeze()
+    freeze_startup_heap()
+    assert gc.isenabled()
+    assert gc.get_freeze_count() > 0
+    assert gc.get_threshold()[0] == GC_GEN0_THRESHOLD

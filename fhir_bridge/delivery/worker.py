@@ -25,7 +25,6 @@ import threading
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -94,6 +93,34 @@ class _Job:
     groups: list[Group]
     guard: Callable[[], bool]
     elapsed: float | None = None  # seconds the write took; None while unsent (or released unsent)
+
+
+class _InFlight:
+    """One job being sent on its own daemon thread (a thread per Bundle costs microseconds; unlike an
+    executor's thread, it neither holds up interpreter exit nor refuses work once exit has begun,
+    which would strand the embedded worker's claimed jobs until their leases ran out)."""
+
+    def __init__(
+        self, send: Callable[[_Job], tuple[dict[int, Written] | None, float]], job: _Job, name: str
+    ) -> None:
+        self.job = job
+        self._send = send
+        self._value: tuple[dict[int, Written] | None, float] = (None, 0.0)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._send(self.job)
+        except BaseException as exc:  # handed to the loop, which decides
+            self._error = exc
+
+    def result(self) -> tuple[dict[int, Written] | None, float]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 class Worker:
@@ -433,9 +460,8 @@ class Worker:
             self.stop.wait(self.policy.poll_seconds * number / 2)
         fast = min(FAST_POLL_SECONDS, self.policy.poll_seconds)
         idle_wait = fast
-        sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"delivery-{number}-send")
         queue: deque[_Job] = deque()
-        inflight: tuple[_Job, Future[tuple[dict[int, Written] | None, float]]] | None = None
+        inflight: _InFlight | None = None
         try:
             while True:
                 stopping = self.stop.is_set()
@@ -446,13 +472,11 @@ class Worker:
                         queue.extend(self._claim_jobs(number))
                     done: tuple[_Job, list[Result]] | None = None
                     if inflight is not None:
-                        job, future = inflight
-                        inflight = None
+                        sent, inflight = inflight, None
                         # Results first (a failure may pause the tenant), then the next request.
-                        done = (job, self._finish(job, *future.result()))
+                        done = (sent.job, self._finish(sent.job, *sent.result()))
                     if queue and not stopping:
-                        job = queue.popleft()
-                        inflight = (job, sender.submit(self._send, job))
+                        inflight = _InFlight(self._send, queue.popleft(), f"delivery-{number}-send")
                     if done is not None:
                         self._record(*done)
                 except SQLAlchemyError as exc:
@@ -482,18 +506,12 @@ class Worker:
                 idle_wait = min(self.policy.poll_seconds, idle_wait * 2)
         finally:
             self._drain(inflight, queue)
-            sender.shutdown(wait=True)
 
-    def _drain(
-        self,
-        inflight: tuple[_Job, Future[tuple[dict[int, Written] | None, float]]] | None,
-        queue: deque[_Job],
-    ) -> None:
+    def _drain(self, inflight: _InFlight | None, queue: deque[_Job]) -> None:
         """On the way out: record the batch with the EHR, hand back the ones claimed but not sent."""
         try:
             if inflight is not None:
-                job, future = inflight
-                self._record(job, self._finish(job, *future.result()))
+                self._record(inflight.job, self._finish(inflight.job, *inflight.result()))
             while queue:
                 job = queue.popleft()
                 self._record(job, self._finish(job, None, 0.0))

@@ -447,9 +447,15 @@ class Worker:
 
     def _loop(self, number: int, *, until_idle: bool = False) -> None:
         """One delivery loop, pipelined: while one Bundle is with the EHR, the loop records the one
-        before it and claims the next, so the EHR never waits for our database work (and our database
-        work never waits for the EHR). Still at most one request in flight per loop, so tenant rate
-        and concurrency limits mean what they meant.
+        before it, so the EHR does not wait for our database work. Still at most one request in
+        flight per loop, so tenant rate and concurrency limits mean what they meant.
+
+        When to claim the next batch adapts to the load. After a full claim (a backlog: the next
+        Bundle will be full whenever it is claimed) the next claim is taken while the current Bundle
+        is with the EHR, so the EHR never waits for it. After a partial claim (keeping up) the next
+        claim waits for the EHR's answer, so that it takes everything that arrived meanwhile: one
+        larger Bundle instead of several small ones, each of which costs the EHR a request, the
+        Device lookup and a Provenance.
 
         Idle, the loop polls quickly at first (work often comes in bursts: the next push is a few
         milliseconds away) and backs off to ``WORKER_POLL_SECONDS``. ``until_idle`` returns at the
@@ -462,19 +468,22 @@ class Worker:
         idle_wait = fast
         queue: deque[_Job] = deque()
         inflight: _InFlight | None = None
+        backlog = False  # the last claim was full
         try:
             while True:
                 stopping = self.stop.is_set()
                 if stopping and inflight is None:
                     break
+                done: tuple[_Job, list[Result]] | None = None
                 try:
-                    if not queue and not stopping:
-                        queue.extend(self._claim_jobs(number))
-                    done: tuple[_Job, list[Result]] | None = None
+                    if not queue and not stopping and (inflight is None or backlog):
+                        backlog = self._claim_into(queue, number)
                     if inflight is not None:
                         sent, inflight = inflight, None
                         # Results first (a failure may pause the tenant), then the next request.
                         done = (sent.job, self._finish(sent.job, *sent.result()))
+                        if not queue and not stopping:
+                            backlog = self._claim_into(queue, number)
                     if queue and not stopping:
                         inflight = _InFlight(self._send, queue.popleft(), f"delivery-{number}-send")
                     if done is not None:
@@ -487,7 +496,7 @@ class Worker:
                     )
                     self.stop.wait(max(self.policy.poll_seconds, 5.0))
                     continue
-                busy = inflight is not None or bool(queue)
+                busy = inflight is not None or bool(queue) or done is not None
                 if not busy or time.monotonic() >= self._webhooks_due:
                     self._webhooks_due = time.monotonic() + 1.0
                     try:
@@ -506,6 +515,12 @@ class Worker:
                 idle_wait = min(self.policy.poll_seconds, idle_wait * 2)
         finally:
             self._drain(inflight, queue)
+
+    def _claim_into(self, queue: deque[_Job], loop: int) -> bool:
+        """Claim the next batch into ``queue``; whether the claim was full (a backlog is waiting)."""
+        jobs = self._claim_jobs(loop)
+        queue.extend(jobs)
+        return sum(len(job.items) for job in jobs) >= self.policy.batch_size
 
     def _drain(self, inflight: _InFlight | None, queue: deque[_Job]) -> None:
         """On the way out: record the batch with the EHR, hand back the ones claimed but not sent."""

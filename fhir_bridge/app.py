@@ -9,6 +9,7 @@ from flask import Flask
 
 from fhir_bridge import api, errors, services
 from fhir_bridge.ops import health, logs, metrics
+from fhir_bridge.ops.proxy import TrustedProxies, parse_networks
 from fhir_bridge.rules import engine as rules_engine
 from fhir_bridge.settings import load_settings
 
@@ -47,4 +48,5 @@ def create_app(config: Mapping[str, Any] | None = None, *, svc: services.Service
         from fhir_bridge.delivery import BackgroundWorker
 
         app.extensions["fhir_bridge.worker"] = BackgroundWorker(svc).start()
+    app.wsgi_app = TrustedProxies(app.wsgi_app, parse_networks(settings.trusted_proxies))  # type: ignore[method-assign]
     return app

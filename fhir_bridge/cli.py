@@ -709,6 +709,75 @@ def outbox_purge(
     click.echo(f"purged {count} item(s)")
 
 
+# -- webhooks ---------------------------------------------------------------------------------
+
+
+@cli.group()
+def webhooks() -> None:
+    """Vendors' webhook events: what waits, what was given up on, and sending those again."""
+
+
+@webhooks.command("status")
+@click.option("--vendor", "client_id", help="Only this vendor (client id).")
+@click.option(
+    "--dead",
+    "show_dead",
+    type=click.IntRange(0, 1000),
+    default=10,
+    show_default=True,
+    help="Show this many of the newest dead events with the vendor's last answer.",
+)
+@pass_ctx
+def webhooks_status(ctx: Context, client_id: str | None, show_dead: int) -> None:
+    """How many events wait, were delivered, were given up on (dead) or dropped, per vendor."""
+    from datetime import UTC, datetime
+
+    from fhir_bridge.relationship import webhooks as hooks
+
+    database = _database(ctx)
+    try:
+        queues = hooks.status(database, client_id=client_id)
+        dead = hooks.dead_events(database, client_id=client_id, limit=show_dead) if show_dead else []
+    finally:
+        database.dispose()
+    if not queues:
+        click.echo("no webhook events")
+        return
+    now = datetime.now(UTC)
+    click.echo(f"{'vendor':24} {'pending':>8} {'delivered':>10} {'dead':>6} {'dropped':>8}  oldest pending")
+    for q in queues:
+        oldest = q.oldest_pending
+        if oldest is not None and oldest.tzinfo is None:
+            oldest = oldest.replace(tzinfo=UTC)
+        age = _age(now - oldest) if oldest else "-"
+        counts = " ".join(
+            f"{q.counts.get(state, 0):>{width}}"
+            for state, width in (("pending", 8), ("delivered", 10), ("dead", 6), ("dropped", 8))
+        )
+        click.echo(f"{q.client_id:24} {counts}  {age}")
+    if dead:
+        click.echo("\nnewest dead events (send again with `fhir-bridge webhooks retry`):")
+        for d in dead:
+            answer = f"HTTP {d.last_status}" if d.last_status else "no answer (unreachable or refused)"
+            click.echo(f"  #{d.id} {d.client_id} {d.kind} after {d.attempts} attempt(s): {answer}")
+
+
+@webhooks.command("retry")
+@click.option("--vendor", "client_id", help="Only this vendor's dead events.")
+@click.option("--id", "event_ids", type=int, multiple=True, help="Only this event (repeatable).")
+@pass_ctx
+def webhooks_retry(ctx: Context, client_id: str | None, event_ids: tuple[int, ...]) -> None:
+    """Send dead events again with a fresh attempt budget and the same event id (vendors dedupe on it)."""
+    from fhir_bridge.relationship import webhooks as hooks
+
+    database = _database(ctx)
+    try:
+        count = hooks.retry_dead(database, actor=_operator(), client_id=client_id, event_ids=event_ids)
+    finally:
+        database.dispose()
+    click.echo(f"requeued {count} event(s)")
+
+
 # -- config -----------------------------------------------------------------------------------
 
 

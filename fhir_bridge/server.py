@@ -73,7 +73,8 @@ def run_gunicorn(settings: Settings, *, host: str, port: int, workers: int) -> N
         "loglevel": settings.log_level.lower(),
         "timeout": 120,
         "graceful_timeout": 20,
-        "forwarded_allow_ips": "127.0.0.1",
+        # Scheme headers from the same proxies fhir_bridge.ops.proxy believes (one list, one truth).
+        "forwarded_allow_ips": ",".join(settings.trusted_proxies),
         # gunicorn 27's control socket has one path per user; two services on a host would fight over it.
         "control_socket_disable": True,
     }

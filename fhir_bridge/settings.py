@@ -119,6 +119,14 @@ def _str_list(raw: Any) -> tuple[str, ...]:
     return tuple(item for item in items if item)
 
 
+def _networks(raw: Any) -> tuple[str, ...]:
+    from fhir_bridge.ops.proxy import parse_networks
+
+    entries = _str_list(raw)
+    parse_networks(entries)
+    return entries
+
+
 def _text(raw: Any) -> str:
     return str(raw).strip()
 
@@ -348,6 +356,13 @@ SPECS: tuple[Spec, ...] = (
     ),
     Spec("METRICS_ENABLED", True, _to_bool, "Serve Prometheus metrics at `/metrics`."),
     Spec("HOST", "127.0.0.1", _text, "Address `fhir-bridge serve` binds."),
+    Spec(
+        "TRUSTED_PROXIES",
+        "127.0.0.1,::1",
+        _networks,
+        "Reverse proxies (IP addresses or CIDR networks, comma-separated) whose `X-Forwarded-For` and "
+        "`X-Forwarded-Proto` are believed; requests from anywhere else keep their own address.",
+    ),
     Spec("PORT", 8080, _int_between(1, 65535), "Port `fhir-bridge serve` binds."),
     Spec("WEB_WORKERS", 2, _int_between(1, 64), "gunicorn worker processes of `fhir-bridge serve`."),
 )
@@ -376,6 +391,7 @@ class Settings:
     pairing_code_ttl: int
     pairing_max_attempts: int
     jwks_fetch_allowed_hosts: tuple[str, ...]
+    trusted_proxies: tuple[str, ...]
     allow_insecure_loopback: bool
     worker_embedded: bool
     worker_batch_size: int

@@ -15,7 +15,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from fhir_bridge import create_app
+from fhir_bridge import create_app, services
 from fhir_bridge.settings import load_settings
 from fhir_bridge.storage import Database, migrate
 from tests.support.postgres import PostgresServer, find_bin_dir
@@ -72,8 +72,10 @@ AppFactory = Callable[..., Flask]
 
 
 @pytest.fixture
-def make_app(tmp_path: Path, keys_dir: Path, sqlite_url: str) -> AppFactory:
-    """Build an app on a migrated database; keyword arguments override settings."""
+def make_app(tmp_path: Path, keys_dir: Path, sqlite_url: str) -> Iterator[AppFactory]:
+    """Build an app on a migrated database; keyword arguments override settings. Each app's database
+    connections are closed when the test ends (no connection left to the garbage collector)."""
+    built: list[Flask] = []
 
     def build(**overrides: Any) -> Flask:
         config: dict[str, Any] = {
@@ -88,9 +90,13 @@ def make_app(tmp_path: Path, keys_dir: Path, sqlite_url: str) -> AppFactory:
         db = Database(settings.effective_database_url)
         migrate.upgrade(db)
         db.dispose()
-        return create_app(config)
+        app = create_app(config)
+        built.append(app)
+        return app
 
-    return build
+    yield build
+    for app in built:
+        services.from_app(app).db.dispose()
 
 
 @pytest.fixture

@@ -28,7 +28,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-import requests
 from sqlalchemy.exc import SQLAlchemyError
 
 from fhir_bridge.delivery import outbox
@@ -140,7 +139,6 @@ class Worker:
         self.policy = policy or Policy.from_services(services)
         self.directory = directory or TenantDirectory(services.db, services.keyring, services.settings)
         self.stop = threading.Event()
-        self._http = threading.local()  # one requests.Session per delivery loop (thread)
         self._webhooks_due = 0.0
 
     # -- one batch ------------------------------------------------------------------------------
@@ -157,13 +155,6 @@ class Worker:
             handled += self._webhooks()
         return handled
 
-    @property
-    def webhook_http(self) -> requests.Session:
-        http: requests.Session | None = getattr(self._http, "session", None)
-        if http is None:
-            http = self._http.session = requests.Session()
-        return http
-
     def _webhooks(self) -> int:
         """Vendors' webhook events (issue 10), signed, at least once: fhir_bridge.relationship.webhooks."""
         settings = self.services.settings
@@ -171,7 +162,6 @@ class Worker:
             self.db,
             self.services.keyring,
             issuer=settings.public_url,
-            http=self.webhook_http,
             timeout=settings.http_timeout_seconds,
             max_attempts=self.policy.max_attempts,
             backoff=self.policy.backoff,

@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from fhir_bridge.storage import Database
-from fhir_bridge.storage.models import OutboxItem
+from fhir_bridge.storage.models import OutboxItem, VendorClient, WebhookEvent
 
 # Created unregistered: registry_for() decides where they are exposed (one process or many).
 REQUESTS = Counter(
@@ -90,6 +90,27 @@ class OutboxCollector(Collector):
         yield age
 
 
+class WebhookCollector(Collector):
+    """Vendors' webhook events by status, read at scrape time: ``dead`` ones need a person."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def collect(self) -> Iterator[Metric]:
+        events = GaugeMetricFamily(
+            "fhir_bridge_webhook_events", "Webhook events by vendor and status", labels=["vendor", "status"]
+        )
+        with self.db.sessions() as session:
+            rows = session.execute(
+                select(VendorClient.client_id, WebhookEvent.status, func.count())
+                .join(VendorClient, VendorClient.id == WebhookEvent.vendor_id)
+                .group_by(VendorClient.client_id, WebhookEvent.status)
+            ).all()
+        for vendor, status, count in rows:
+            events.add_metric([vendor, status], count)
+        yield events
+
+
 def registry_for(db: Database) -> CollectorRegistry:
     """The registry /metrics serves: multi-process aware under gunicorn, plus the outbox collector."""
     registry = CollectorRegistry()
@@ -101,6 +122,7 @@ def registry_for(db: Database) -> CollectorRegistry:
         for collector in (REQUESTS, LATENCY, RECORDS, DELIVERED, DELIVERY_FAILURES, EHR_LATENCY):
             registry.register(collector)
     registry.register(OutboxCollector(db))
+    registry.register(WebhookCollector(db))
     return registry
 
 

@@ -11,12 +11,12 @@ Claiming pushes an event's ``next_attempt_at`` a lease ahead, so a worker that d
 the event come due again; a failed send waits an exponential backoff; after the worker's attempt
 budget the event is ``dead`` (kept for hospital IT). An event whose enrollment has ended is dropped
 unsent: ending an enrollment stops every flow. A URL whose host resolves to a private, reserved or
-(outside development) loopback address is never called (SSRF).
+(outside development) loopback address is never called (SSRF), and the connection goes to the address
+that was checked (:mod:`auth.pinned_http`), so DNS cannot answer the check and the connection differently.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -27,11 +27,12 @@ from urllib.parse import urlsplit
 
 import requests
 from joserfc import jwt
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from auth.backend import UnsafeUrlError, is_loopback, require_secure_url
 from auth.jwks_fetch import system_resolver
 from auth.keys import Keyring
+from auth.pinned_http import PinnedConnection, Resolver, allowed_address
 from fhir_bridge import audit
 from fhir_bridge.errors import BadRequest, NotFound
 from fhir_bridge.storage import Database
@@ -148,12 +149,12 @@ def deliver_due(
     keyring: Keyring,
     *,
     issuer: str,
-    http: requests.Session,
     timeout: float,
     max_attempts: int,
     backoff: Callable[[int], float],
     limit: int = 20,
     allow_insecure_loopback: bool = False,
+    resolver: Resolver = system_resolver,
 ) -> int:
     """Send the due events; returns how many were handled."""
     handled = claim(db, limit=limit)
@@ -163,7 +164,7 @@ def deliver_due(
         if not _still_enrolled(db, due):
             values = {"status": "dropped"}
         else:
-            status = _post(due, keyring, issuer, http, timeout, allow_insecure_loopback)
+            status = _post(due, keyring, issuer, timeout, allow_insecure_loopback, resolver)
             if status is not None and 200 <= status < 300:
                 values = {"status": "delivered", "delivered_at": now, "last_status": status}
             elif due.attempts >= max_attempts:
@@ -176,51 +177,46 @@ def deliver_due(
     return len(handled)
 
 
+def public_address(
+    url: str, *, allow_insecure_loopback: bool, resolver: Resolver = system_resolver
+) -> str | None:
+    """The address to send a webhook to, if every address of the URL's host is public (loopback too when
+    development allows it): a webhook must never be pointed at the hospital's own network (SSRF)."""
+    loopback_ok = allow_insecure_loopback and is_loopback(urlsplit(url).hostname or "")
+    return allowed_address(url, loopback_ok=loopback_ok, resolver=resolver)
+
+
 def public_host(url: str, *, allow_insecure_loopback: bool) -> bool:
-    """Whether every address of the URL's host is public (loopback too when development allows it): a
-    webhook must never be pointed at the hospital's own network (SSRF)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    try:
-        addresses = system_resolver(host, parts.port or (443 if parts.scheme == "https" else 80))
-    except OSError:
-        return False
-    loopback_ok = allow_insecure_loopback and is_loopback(host)
-    for address in addresses:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-        if ip.is_loopback and loopback_ok:
-            continue
-        if not ip.is_global or ip.is_multicast:
-            return False
-    return bool(addresses)
+    return public_address(url, allow_insecure_loopback=allow_insecure_loopback) is not None
 
 
 def _post(
     due: Due,
     keyring: Keyring,
     issuer: str,
-    http: requests.Session,
     timeout: float,
     allow_insecure_loopback: bool,
+    resolver: Resolver,
 ) -> int | None:
     try:
         require_secure_url(due.url, allow_insecure_loopback=allow_insecure_loopback, what="the webhook URL")
-        if not public_host(due.url, allow_insecure_loopback=allow_insecure_loopback):
+        address = public_address(due.url, allow_insecure_loopback=allow_insecure_loopback, resolver=resolver)
+        if address is None:
             log.warning("webhook host not public", extra={"vendor": due.client_id})
             return None
         token = sign(keyring, issuer=issuer, audience=due.client_id, event=due.event)
-        response = http.post(
-            due.url,
-            data=token.encode(),
-            headers={
-                "Content-Type": MEDIA_TYPE,
-                "Webhook-Id": str(due.event.event_id),
-                "User-Agent": "fhir-bridge-webhooks",
-            },
-            timeout=(min(10.0, timeout), timeout),
-            allow_redirects=False,
-        )
-        response.close()
+        with PinnedConnection(due.url, address) as connection:
+            response = connection.post(
+                due.url,
+                data=token.encode(),
+                headers={
+                    "Content-Type": MEDIA_TYPE,
+                    "Webhook-Id": str(due.event.event_id),
+                    "User-Agent": "fhir-bridge-webhooks",
+                },
+                timeout=(min(10.0, timeout), timeout),
+            )
+            response.close()
     except (requests.RequestException, UnsafeUrlError) as exc:
         log.warning("webhook not delivered", extra={"vendor": due.client_id, "exception": type(exc).__name__})
         return None
@@ -229,4 +225,98 @@ def _post(
     return response.status_code
 
 
-__all__ = ["claim", "deliver_due", "set_url", "sign"]
+# -- what hospital IT sees and does (``fhir-bridge webhooks``) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class VendorQueue:
+    client_id: str
+    counts: dict[str, int]  # by status: pending, delivered, dead, dropped
+    oldest_pending: datetime | None
+
+
+@dataclass(frozen=True)
+class DeadEvent:
+    id: int
+    client_id: str
+    kind: str
+    attempts: int
+    last_status: int | None
+    created_at: datetime
+
+
+def status(db: Database, *, client_id: str | None = None) -> list[VendorQueue]:
+    """Events per vendor and status, with the age of the oldest one still waiting."""
+    query = (
+        select(
+            VendorClient.client_id,
+            WebhookEvent.status,
+            func.count(),
+            func.min(WebhookEvent.created_at).filter(WebhookEvent.status == "pending"),
+        )
+        .join(VendorClient, VendorClient.id == WebhookEvent.vendor_id)
+        .group_by(VendorClient.client_id, WebhookEvent.status)
+        .order_by(VendorClient.client_id)
+    )
+    if client_id is not None:
+        query = query.where(VendorClient.client_id == client_id)
+    queues: dict[str, VendorQueue] = {}
+    with db.sessions() as session:
+        for vendor, state, count, oldest in session.execute(query):
+            queue = queues.setdefault(vendor, VendorQueue(vendor, {}, None))
+            queue.counts[state] = count
+            if oldest is not None:
+                queues[vendor] = VendorQueue(vendor, queue.counts, oldest)
+    return list(queues.values())
+
+
+def dead_events(db: Database, *, client_id: str | None = None, limit: int = 10) -> list[DeadEvent]:
+    """The newest events the worker gave up on (the vendor's endpoint kept failing)."""
+    query = (
+        select(WebhookEvent, VendorClient.client_id)
+        .join(VendorClient, VendorClient.id == WebhookEvent.vendor_id)
+        .where(WebhookEvent.status == "dead")
+        .order_by(WebhookEvent.id.desc())
+        .limit(limit)
+    )
+    if client_id is not None:
+        query = query.where(VendorClient.client_id == client_id)
+    with db.sessions() as session:
+        return [
+            DeadEvent(e.id, vendor, e.kind, e.attempts, e.last_status, e.created_at)
+            for e, vendor in session.execute(query)
+        ]
+
+
+def retry_dead(
+    db: Database, *, actor: str, client_id: str | None = None, event_ids: tuple[int, ...] = ()
+) -> int:
+    """Send dead events again with a fresh attempt budget, same event id (the vendor dedupes on it).
+
+    For when a vendor's endpoint was down longer than the retries lasted and is back. An event whose
+    enrollment has ended since is still dropped unsent.
+    """
+    query = update(WebhookEvent).where(WebhookEvent.status == "dead")
+    if client_id is not None:
+        vendor_ids = select(VendorClient.id).where(VendorClient.client_id == client_id)
+        query = query.where(WebhookEvent.vendor_id.in_(vendor_ids.scalar_subquery()))
+    if event_ids:
+        query = query.where(WebhookEvent.id.in_(event_ids))
+    with db.transaction() as session:
+        result: Any = session.execute(
+            query.values(status="pending", attempts=0, next_attempt_at=utcnow(), last_status=None)
+        )
+        count = int(result.rowcount)
+        if count:
+            audit.record(
+                session,
+                actor_type="operator",
+                actor_id=actor,
+                action="webhooks.retry",
+                target=f"vendor/{client_id}" if client_id else None,
+                detail={"count": count},
+            )
+    return count
+
+
+__all__ = ["claim", "dead_events", "deliver_due", "retry_dead", "set_url", "sign", "status"]

@@ -1,4 +1,4 @@
-// The relationship panels: shared goals (set, edit status, progress), tasks (assign, status), messages
+// The relationship panels: shared goals (set, edit words, status and target, progress), tasks (assign, status), messages
 // (compose, thread, unread count, the not-for-emergencies notice) and the care team's timeline.
 //
 // Everything goes to /app/<launch id>/api/..., so the panels only ever touch the launched patient;
@@ -53,25 +53,45 @@
     return li;
   }
 
-  // Edit a goal in place: its words and its status (the target is set anew with a new goal).
+  // The options of the "set a goal" form's select, for the same choice in an edit form.
+  function optionsFrom(selectId, selected) {
+    return Array.from(document.getElementById(selectId).options, (o) => {
+      const option = h("option", { value: o.value }, o.textContent);
+      if (o.value === (selected || "")) option.selected = true;
+      return option;
+    });
+  }
+
+  // Edit a goal in place: its words, its status and its measurable target (or none).
   function editForm(g) {
     const box = h("details", { class: "goal-edit" });
     box.appendChild(h("summary", {}, "Edit"));
     const form = h("form", { novalidate: "" });
-    const textId = `goal-edit-text-${g.id}`;
-    const statusId = `goal-edit-status-${g.id}`;
-    form.appendChild(h("label", { for: textId }, "Goal"));
-    const text = h("input", { id: textId, name: "description", maxlength: "500" });
+    const id = (name) => `goal-edit-${name}-${g.id}`;
+    const field = (name, label, node) => {
+      form.appendChild(h("label", { for: id(name) }, label));
+      node.id = id(name);
+      node.name = name;
+      form.appendChild(node);
+      return node;
+    };
+    const text = field("description", "Goal", h("input", { maxlength: "500" }));
     text.value = g.description;
-    form.appendChild(text);
-    form.appendChild(h("label", { for: statusId }, "Status"));
-    const status = h("select", { id: statusId, name: "status" });
+    const status = field("status", "Status", h("select", {}));
     for (const [value, label] of [["proposed", "Proposed"], ["active", "Active"], ["on-hold", "On hold"], ["completed", "Achieved"], ["cancelled", "Cancelled"]]) {
       const option = h("option", { value }, label);
       if (value === g.status) option.selected = true;
       status.appendChild(option);
     }
-    form.appendChild(status);
+    const target = g.target || {};
+    const measure = field("measure", "Measure", h("select", {}));
+    measure.replaceChildren(...optionsFrom("goal-measure", target.measure));
+    const comparator = field("comparator", "Target", h("select", {}));
+    comparator.replaceChildren(...optionsFrom("goal-comparator", target.comparator));
+    const value = field("value", "Value", h("input", { type: "number", min: "0", step: "any" }));
+    value.value = target.value ?? "";
+    const due = field("due_date", "By", h("input", { type: "date" }));
+    due.value = target.due_date || "";
     const save = h("button", { type: "submit", class: "button" }, "Save goal");
     form.appendChild(save);
     const note = h("p", { class: "form-status", role: "status", "aria-live": "polite" });
@@ -79,8 +99,12 @@
     form.addEventListener("submit", async (ev) => {
       ev.preventDefault();
       save.disabled = true;
+      const body = { description: text.value, status: status.value, target: null };
+      if (measure.value) {
+        body.target = { measure: measure.value, comparator: comparator.value, value: value.value === "" ? null : Number(value.value), due_date: due.value || null };
+      }
       try {
-        await api(`/goals/${encodeURIComponent(g.id)}`, { method: "POST", body: JSON.stringify({ description: text.value, status: status.value }) });
+        await api(`/goals/${encodeURIComponent(g.id)}`, { method: "POST", body: JSON.stringify(body) });
         await load();
       } catch (err) {
         note.textContent = `Not saved: ${err.message}`;

@@ -119,13 +119,19 @@ def test_clinician_and_app_close_the_loop(
         page.fill("#goal-due", "2027-03-31")
         page.click("#goal-form button[type=submit]")
         page.locator("#goals li[data-goal]").wait_for(timeout=10_000)
-        # ... and edits its words in place.
+        # ... and edits its words and its target in place (below 10 becomes below 8).
         page.click("#goals .goal-edit summary")
-        page.fill(
-            "#goals .goal-edit input[name=description]", "Feel like myself again: PHQ-9 below 10 by March"
+        assert page.input_value("#goals .goal-edit select[name=measure]") == "phq9", (
+            "the edit starts from the goal"
         )
+        assert page.input_value("#goals .goal-edit input[name=due_date]") == "2027-03-31"
+        page.fill(
+            "#goals .goal-edit input[name=description]", "Feel like myself again: PHQ-9 below 8 by March"
+        )
+        page.fill("#goals .goal-edit input[name=value]", "8")
         page.click("#goals .goal-edit button[type=submit]")
         page.locator("#goals .goal-text").filter(has_text="by March").wait_for(timeout=10_000)
+        assert "PHQ-9 total score below 8" in page.inner_text("#goals li[data-goal]")
         page.click(".tasks summary")
         page.select_option("#task-kind", "questionnaire:phq9")
         page.fill("#task-due", "2026-12-20")
@@ -141,7 +147,7 @@ def test_clinician_and_app_close_the_loop(
         goals = vendor.get("/api/v1/goals?app_user_id=sam-1").json["items"]
         tasks = vendor.get("/api/v1/tasks?app_user_id=sam-1").json["items"]
         thread = vendor.get("/api/v1/messages?app_user_id=sam-1").json
-        assert [g["target"]["measure"] for g in goals] == ["phq9"]
+        assert [(g["target"]["measure"], g["target"]["value"]) for g in goals] == [("phq9", 8)]
         assert [(t["measure"], t["status"]) for t in tasks] == [("phq9", "requested")]
         assert [m["text"] for m in thread["items"]] == ["How did the first week go?"]
         assert "0800 555 0100" in thread["notice"]
@@ -191,8 +197,8 @@ def test_clinician_and_app_close_the_loop(
     reader = FhirClient(sekmet.base_url)
     goal = _one(reader, "Goal", GOAL_SYSTEM, patient)
     assert goal["lifecycleStatus"] == "active" and goal["subject"] == {"reference": f"Patient/{patient}"}
-    assert goal["target"][0]["detailQuantity"]["value"] == 10
-    assert goal["description"]["text"] == "Feel like myself again: PHQ-9 below 10 by March", "the edit, once"
+    assert goal["target"][0]["detailQuantity"]["value"] == 8, "the edited target"
+    assert goal["description"]["text"] == "Feel like myself again: PHQ-9 below 8 by March", "the edit, once"
     task = _one(reader, "Task", TASK_SYSTEM, patient)
     assert task["status"] == "completed" and task["for"] == {"reference": f"Patient/{patient}"}
     assert task["focus"]["reference"] == "https://fhir-bridge.org/fhir/Questionnaire/phq9"

@@ -135,9 +135,9 @@ def test_webhook_urls_must_be_https(make_app: AppFactory) -> None:
     )
 
 
-def test_a_webhook_pointing_into_a_private_network_is_never_called(make_app: AppFactory) -> None:
-    import requests
-
+def test_a_webhook_pointing_into_a_private_network_is_never_called(
+    make_app: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     app = make_app()
     svc = services.from_app(app)
     add_tenant(svc.db)
@@ -154,12 +154,13 @@ def test_a_webhook_pointing_into_a_private_network_is_never_called(make_app: App
             session, tenant_id="general", patient_id="pat-1", actor="dr", sender=None, text="hi"
         )
 
-    class NoCalls(requests.Session):
-        def request(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    class NoCalls:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
             raise AssertionError("a private address was called")
 
+    monkeypatch.setattr(webhooks, "PinnedConnection", NoCalls)  # the network boundary, spied on
     handled = webhooks.deliver_due(
-        svc.db, svc.keyring, issuer="https://bridge.example", http=NoCalls(), timeout=5, max_attempts=1,
+        svc.db, svc.keyring, issuer="https://bridge.example", timeout=5, max_attempts=1,
         backoff=lambda n: 0.0,
     )  # fmt: skip
     assert handled == 1

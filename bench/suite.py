@@ -463,9 +463,21 @@ def run_latency(quick: bool) -> list[Figure]:
                         ("worker", "FHIR server", "gunicorn", "load generator", "whole machine")
                     )
                 )
+                + ". "
+                + _server_share(statistics.median(b[1] for b in busy), statistics.median(server_ms), rate)
             ),
         )
     ]
+
+
+def _server_share(cores: float, ms_per_resource: float, rate: float) -> str:
+    """What the FHIR server could take at the CPU share it actually got, next to the push rate."""
+    could = cores / (ms_per_resource / 1000) if ms_per_resource else 0.0
+    verdict = "below" if could < rate else "above"
+    return (
+        f"At the {cores:.2f} cores it got and {ms_per_resource:.2f} ms CPU per resource, the FHIR server "
+        f"could take about {could:.0f} res/s: {verdict} the {rate} rec/s pushed"
+    )
 
 
 BUNDLE_SIZE = re.compile(rb"batch written.*?outbox_items\W+(\d+)")
@@ -718,6 +730,9 @@ def _scaleout_pass(quick: bool, processes: int) -> list[Figure]:
         else f"sekmet as {processes} processes (uvicorn --workers {processes}, one SQLite file)"
     )
     ceiling = statistics.median(floors[2 * threads]) / statistics.median(floors[threads])
+    server_gain = statistics.median(b[1] for b in busy[2]) / max(
+        1e-9, statistics.median(b[1] for b in busy[1])
+    )
     suffix = "" if processes == 1 else f"_sekmet_x{processes}"
     label_suffix = "" if processes == 1 else f", sekmet x{processes}"
     return [
@@ -738,7 +753,9 @@ def _scaleout_pass(quick: bool, processes: int) -> list[Figure]:
                 f"FHIR server {statistics.median(b[1] for b in v):.2f}, "
                 f"whole machine {statistics.median(b[2] for b in v):.2f}"
                 for n, v in sorted(busy.items())
-            ),
+            )
+            + f"; the FHIR server got {server_gain:.2f} x the CPU with 2 workers as with 1 (about the "
+            "most 2 workers can gain while its CPU per resource stays the same)",
         ),
         Figure(
             "scale_out_server_ceiling" + suffix,

@@ -220,3 +220,17 @@ def test_a_group_split_between_two_claimers_goes_whole_to_the_one_holding_its_fi
         other.join()
     again = outbox.claim(db, worker="b", limit=10, lease_seconds=60, tenants=["t1"])
     assert sorted(i.id for i in again.items) == [first, second]
+
+    # The other claimer holds the second row longer than we wait: we give the group up (the
+    # savepoint keeps the rest of the claim usable) and take it whole once it is free.
+    outbox.record(db, "b", [Result(i, "release", attempted=False) for i in (first, second)])
+    ready = threading.Event()
+    other = threading.Thread(target=hold, args=(second, 2.0, ready))
+    other.start()
+    ready.wait(5)
+    try:
+        assert outbox.claim(db, worker="c", limit=1, lease_seconds=60, tenants=["t1"]).items == []
+    finally:
+        other.join()
+    last = outbox.claim(db, worker="c", limit=1, lease_seconds=60, tenants=["t1"])
+    assert sorted(i.id for i in last.items) == [first, second]

@@ -98,21 +98,7 @@ def run_worker(services: Any, tenant: str, threads: int) -> float:
     worker.directory.refresh(force=True)
     cpu = time.process_time()
     started = time.perf_counter()
-    if threads == 1:
-        while worker.run_once():
-            pass
-    else:
-        import threading
-
-        def loop(n: int) -> None:
-            while worker.run_once(loop=n):
-                pass
-
-        pool = [threading.Thread(target=loop, args=(n,)) for n in range(threads)]
-        for thread in pool:
-            thread.start()
-        for thread in pool:
-            thread.join()
+    worker.run_until_idle(threads=threads)  # the production loop (pipelined), until drained
     elapsed = time.perf_counter() - started
     CPU.setdefault(f"worker x{threads}", []).append(time.process_time() - cpu)
     with services.db.sessions() as session:

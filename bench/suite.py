@@ -22,10 +22,12 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,8 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import requests
 
-from bench.bench_push import cpu_seconds
+from bench.bench_push import CLOCK_TICKS, cpu_seconds
 from bench.results import Condition, Figure, fmt, table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,10 +80,10 @@ def _no_server() -> Iterator[tuple[str | None, int | None]]:
 
 
 @contextmanager
-def sekmet() -> Iterator[Any]:
+def sekmet(processes: int = 1) -> Iterator[Any]:
     from tests.support.sekmet import SekmetServer
 
-    server = SekmetServer()
+    server = SekmetServer(processes=processes)
     server.start()
     try:
         yield server
@@ -348,7 +351,7 @@ def run_push_single(quick: bool) -> list[Figure]:
 def run_delivery(quick: bool) -> list[Figure]:
     from bench import bench_delivery as bd
 
-    records, rounds = (300, 2) if quick else (1500, 3)
+    records, rounds = (300, 2) if quick else (1500, 5)
     got = bd.measure(records, 100, rounds, [1], False)
     return [
         Figure(
@@ -359,7 +362,9 @@ def run_delivery(quick: bool) -> list[Figure]:
             got["floor"],
             "same Bundles prebuilt, posted by bare requests",
             [Condition("ratio", ">=", 0.85)],
-            f"{records} records/round, Bundles of 100, outbox on SQLite, {rounds} rounds",
+            f"{records} records/round, Bundles of 100, outbox on SQLite, {rounds} rounds alternating; "
+            "one delivery loop (the production loop: it records one Bundle and claims the next while "
+            f"another is with the EHR); our CPU {statistics.median(got['cpu x1']):.2f} ms/resource",
         )
     ]
 
@@ -368,16 +373,32 @@ def run_delivery(quick: bool) -> list[Figure]:
 
 
 def run_latency(quick: bool) -> list[Figure]:
+    """p95 of push accepted -> delivered at 500 records/s sustained, and what limited it.
+
+    Next to it, measured in the same run: the FHIR server's floor (prebuilt Bundles of 100 posted by
+    a bare client), the rate the worker delivered at, the backlog left when the pushes stopped, and
+    the cores busy (our worker, the FHIR server, the whole shared machine). A p95 over target with a
+    backlog and a server floor near the push rate means the server (or the machine) was the limit.
+    """
     from sqlalchemy import select
 
+    from bench import bench_delivery as bd
     from bench import bench_push as bp
     from fhir_bridge.storage.models import OutboxItem, Record
+    from tests.support.outbox_seed import add_tenant, seed
     from tests.support.smart_seed import put_patient
     from tests.support.worker_proc import WorkerProcess
 
     reps, seconds, rate, per_batch = (1, 5, 500, 25) if quick else (3, 20, 500, 25)
     p95s: list[float] = []
     achieved: list[float] = []
+    delivered_rates: list[float] = []
+    backlogs: list[int] = []
+    floors: list[float] = []
+    # Cores busy: worker, FHIR server, gunicorn, this load generator, whole machine.
+    busy: list[tuple[float, ...]] = []
+    server_ms: list[float] = []  # FHIR server CPU per resource delivered (small Bundles cost more)
+    sizes: list[int] = []  # outbox items per Bundle, from the worker's "batch written" log lines
     with sekmet() as ehr, postgres() if not quick else _none() as pg_url:
         put_patient(ehr.base_url, "pat-1")
         workdir = Path(tempfile.mkdtemp(prefix="bench-latency-"))
@@ -388,15 +409,33 @@ def run_latency(quick: bool) -> list[Figure]:
             server.start()
             session, _ = bp.setup_vendor(server, workdir, fhir_base=ehr.base_url)
             services = open_services(url, workdir / "instance")
+            # The server's floor, before our worker runs (its items are claimed only to build Bundles).
+            add_tenant(services.db, "floor", "http://127.0.0.1:9/floor-only", quirks=bd.QR_PUT)
+            for rep in range(reps):
+                seed(services.db, "floor", patient=f"floor{rep}", records=1000)
+                bundles, count = bd.prebuilt_bundles(services, "floor", 100)
+                floors.append(count / bd.run_floor(ehr.base_url, bundles))
             worker = WorkerProcess(
                 worker_settings(url, workdir / "instance", worker_poll_seconds=0.2),
                 cwd=workdir,
                 log=workdir / "worker.log",
             ).start()
             worker.wait_ready()
+            assert worker.proc is not None and ehr.proc is not None and server.proc is not None
+            pids = (worker.proc.pid, ehr.proc.pid, server.proc.pid)
+
+            def cpu_now() -> tuple[float, ...]:
+                return (
+                    *(cpu_seconds(pid) for pid in pids),
+                    time.process_time(),
+                    machine_busy_seconds(),
+                )
+
             for rep in range(reps):
                 accepted: dict[str, float] = {}
                 interval = per_batch / rate
+                cpu0 = cpu_now()
+                log_start = (workdir / "worker.log").stat().st_size
                 started = time.perf_counter()
                 wall0 = time.time()
                 n = 0
@@ -414,17 +453,26 @@ def run_latency(quick: bool) -> list[Figure]:
                     for record in batch:
                         accepted[record["record_id"]] = now
                     n += 1
-                achieved.append(len(accepted) / (time.perf_counter() - started))
+                pushing = time.perf_counter() - started
+                achieved.append(len(accepted) / pushing)
+                backlogs.append(pending(services.db, "bench"))
                 wait_drained(services.db, "bench", timeout=300)
+                elapsed = time.perf_counter() - started
+                used = [b - a for a, b in zip(cpu0, cpu_now(), strict=True)]
+                busy.append(tuple(u / elapsed for u in used))
                 with services.db.sessions() as s:
                     rows = s.execute(
                         select(Record.vendor_record_id, OutboxItem.delivered_at)
                         .join(OutboxItem, OutboxItem.record_id == Record.id)
                         .where(Record.vendor_record_id.in_(list(accepted)))
                     ).all()
-                latencies = [
-                    max(0.0, _aware(delivered).timestamp() - accepted[vid]) for vid, delivered in rows
-                ]
+                delivered = [_aware(at).timestamp() for _, at in rows]
+                delivered_rates.append(len(rows) / max(1e-9, max(delivered) - wall0))
+                server_ms.append(used[1] * 1000 / max(1, len(rows)))
+                with (workdir / "worker.log").open("rb") as log_file:
+                    log_file.seek(log_start)
+                    sizes += [int(m) for m in BUNDLE_SIZE.findall(log_file.read())]
+                latencies = [max(0.0, _aware(at).timestamp() - accepted[vid]) for vid, at in rows]
                 p95s.append(percentile(latencies, 95) * 1000)
             services.db.dispose()
         finally:
@@ -432,6 +480,7 @@ def run_latency(quick: bool) -> list[Figure]:
                 worker.ensure_stopped()
             server.stop()
             shutil.rmtree(workdir, ignore_errors=True)
+    cores = os.cpu_count()
     return [
         Figure(
             "accepted_to_readable_p95",
@@ -443,10 +492,38 @@ def run_latency(quick: bool) -> list[Figure]:
                 f"{rate} rec/s target ({fmt(statistics.median(achieved))} achieved) for {seconds} s, "
                 f"{reps} reps; batches of {per_batch}; 2 gunicorn + 1 worker (poll 0.2 s), "
                 f"{'PostgreSQL' if pg_url else 'SQLite'}; EHR side = outbox delivered_at, stamped after "
-                "the EHR answered the transaction"
+                f"the EHR answered the transaction. Delivered at {fmt(statistics.median(delivered_rates))} "
+                f"res/s (backlog when the pushes stopped: {statistics.median(backlogs):.0f} items); "
+                f"the FHIR server's floor in this run (bare client, prebuilt Bundles of 100): "
+                f"{fmt(statistics.median(floors))} res/s; FHIR server CPU per resource delivered: "
+                f"{statistics.median(server_ms):.2f} ms; Bundles: {len(sizes)}, "
+                f"{statistics.median(sizes or [0]):.0f} items median, {max(sizes or [0])} max. "
+                "Cores busy while pushing and draining (of "
+                f"{cores}, shared with other work): "
+                + ", ".join(
+                    f"{name} {statistics.median(b[n] for b in busy):.2f}"
+                    for n, name in enumerate(
+                        ("worker", "FHIR server", "gunicorn", "load generator", "whole machine")
+                    )
+                )
+                + ". "
+                + _server_share(statistics.median(b[1] for b in busy), statistics.median(server_ms), rate)
             ),
         )
     ]
+
+
+def _server_share(cores: float, ms_per_resource: float, rate: float) -> str:
+    """What the FHIR server could take at the CPU share it actually got, next to the push rate."""
+    could = cores / (ms_per_resource / 1000) if ms_per_resource else 0.0
+    verdict = "below" if could < rate else "above"
+    return (
+        f"At the {cores:.2f} cores it got and {ms_per_resource:.2f} ms CPU per resource, the FHIR server "
+        f"could take about {could:.0f} res/s: {verdict} the {rate} rec/s pushed"
+    )
+
+
+BUNDLE_SIZE = re.compile(rb"batch written.*?outbox_items\W+(\d+)")
 
 
 def _aware(moment: datetime) -> datetime:
@@ -590,25 +667,73 @@ def run_memory(quick: bool) -> list[Figure]:
 # -- row 8: scale-out -----------------------------------------------------------------------------
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes of the machine have used (/proc/stat): with our processes' own
+    CPU, it shows whether the shared cores were the limit (other work on them included)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / CLOCK_TICKS
+
+
+def server_floor(base_url: str, bundles: list[bytes], clients: int) -> float:
+    """Resources/s the FHIR server takes from ``clients`` bare clients posting prebuilt Bundles at once
+    (the most any number of our workers could get out of it); returns elapsed seconds."""
+    from bench import bench_delivery as bd
+
+    shares = [bundles[n::clients] for n in range(clients)]
+    started = time.perf_counter()
+    threads = [threading.Thread(target=bd.run_floor, args=(base_url, share)) for share in shares]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started
+
+
 def run_scaleout(quick: bool) -> list[Figure]:
+    """2 worker processes vs 1 against one sekmet process, and again against sekmet run as 2 processes.
+
+    Next to each: the server's own ceiling, measured in the same run: prebuilt Bundles posted by 2
+    concurrent bare clients vs 1. Workers cannot scale past what the server does for bare clients.
+    """
+    figures: list[Figure] = []
+    for processes in (1,) if quick else (1, 2):
+        figures += _scaleout_pass(quick, processes)
+    return figures
+
+
+def _scaleout_pass(quick: bool, processes: int) -> list[Figure]:
+    from bench import bench_delivery as bd
     from tests.support.outbox_seed import add_tenant, seed
     from tests.support.worker_proc import WorkerProcess
 
     records, reps = (400, 1) if quick else (2000, 3)
+    # Each worker process runs WORKER_THREADS delivery loops, each with one request in flight: the
+    # server's ceiling compares as many bare clients as 2 workers have loops with as many as 1 has.
+    threads = 2
     one: list[float] = []
     two: list[float] = []
-    busy: dict[int, list[tuple[float, float]]] = {}  # cores busy: (our workers, the FHIR server)
-    with sekmet() as ehr, postgres() as pg_url:
+    floors: dict[int, list[float]] = {threads: [], 2 * threads: []}
+    # Cores busy while measuring: (our workers, the FHIR server, the whole machine).
+    busy: dict[int, list[tuple[float, float, float]]] = {}
+    quirks = {"no_conditional_create": ["QuestionnaireResponse"]}
+    with sekmet(processes) as ehr, postgres() as pg_url:
         if pg_url is None:
             return [Figure("scale_out", "scale-out, 2 workers vs 1 (PostgreSQL not installed)", "x", [])]
         workdir = Path(tempfile.mkdtemp(prefix="bench-scale-"))
         services = open_services(pg_url, workdir / "instance")
-        add_tenant(
-            services.db, "scale", ehr.base_url, quirks={"no_conditional_create": ["QuestionnaireResponse"]}
+        add_tenant(services.db, "scale", ehr.base_url, quirks=quirks)
+        # Items of this tenant are only claimed to build the floor's Bundles, never by a worker.
+        add_tenant(services.db, "floor", "http://127.0.0.1:9/floor-only", quirks=quirks)
+        settings = worker_settings(
+            pg_url, workdir / "instance", worker_poll_seconds=0.05, worker_threads=threads
         )
-        settings = worker_settings(pg_url, workdir / "instance", worker_poll_seconds=0.05)
         seed(services.db, "scale", patient="warm", records=200)  # the first writes are not representative
         for rep in range(reps):
+            for clients in sorted(floors, reverse=rep % 2 == 1):
+                seed(services.db, "floor", patient=f"f{rep}-{clients}", records=records)
+                bundles, count = bd.prebuilt_bundles(services, "floor", 100)
+                floors[clients].append(count / server_floor(ehr.base_url, bundles, clients))
             for count, out in ((1, one), (2, two)) if rep % 2 == 0 else ((2, two), (1, one)):
                 workers = [
                     WorkerProcess(settings, cwd=workdir, log=workdir / f"w{rep}-{count}-{n}.log").start()
@@ -620,37 +745,92 @@ def run_scaleout(quick: bool) -> list[Figure]:
                     wait_drained(services.db, "scale", timeout=300)
                     items = len(seed(services.db, "scale", patient=f"s{rep}-{count}", records=records).items)
                     pids = [w.proc.pid for w in workers if w.proc]
-                    cpu0 = sum(cpu_seconds(pid) for pid in pids), cpu_seconds(ehr.proc.pid)
+                    cpu0 = (
+                        sum(cpu_seconds(pid) for pid in pids),
+                        cpu_seconds(ehr.proc.pid),
+                        machine_busy_seconds(),
+                    )
                     started = time.perf_counter()
                     wait_drained(services.db, "scale", timeout=600)
                     elapsed = time.perf_counter() - started
                     out.append(items / elapsed)
-                    cpu = sum(cpu_seconds(pid) for pid in pids) - cpu0[0], cpu_seconds(ehr.proc.pid) - cpu0[1]
-                    busy.setdefault(count, []).append((cpu[0] / elapsed, cpu[1] / elapsed))
+                    cpu = (
+                        sum(cpu_seconds(pid) for pid in pids) - cpu0[0],
+                        cpu_seconds(ehr.proc.pid) - cpu0[1],
+                        machine_busy_seconds() - cpu0[2],
+                    )
+                    busy.setdefault(count, []).append((cpu[0] / elapsed, cpu[1] / elapsed, cpu[2] / elapsed))
                 finally:
                     for w in workers:
                         w.terminate()
         failed = _failed_attempts(services.db)
+        once = _each_once(services.db, ehr.base_url)
         services.db.dispose()
         shutil.rmtree(workdir, ignore_errors=True)
+    server = (
+        "one sekmet process"
+        if processes == 1
+        else f"sekmet as {processes} processes (uvicorn --workers {processes}, one SQLite file)"
+    )
+    ceiling = statistics.median(floors[2 * threads]) / statistics.median(floors[threads])
+    server_gain = statistics.median(b[1] for b in busy[2]) / max(
+        1e-9, statistics.median(b[1] for b in busy[1])
+    )
+    suffix = "" if processes == 1 else f"_sekmet_x{processes}"
+    label_suffix = "" if processes == 1 else f", sekmet x{processes}"
     return [
         Figure(
-            "scale_out",
-            "scale-out: 2 worker processes",
+            "scale_out" + suffix,
+            "scale-out: 2 worker processes" + label_suffix,
             "resources/s",
             two,
             one,
             "1 worker process, same run",
             [Condition("ratio", ">=", 1.7)],
-            f"{records} records per rep, {reps} reps alternating, PostgreSQL, one sekmet process "
-            f"(single-process FHIR server on the same 2 cores); failed attempts retried: {failed}; "
+            f"{records} records per rep, {reps} reps alternating, PostgreSQL, {server}, workers of "
+            f"{threads} delivery loops, on the same {os.cpu_count()} shared cores; {once}; failed "
+            f"attempts retried: {failed}; the server's own ceiling in this run: {2 * threads} bare clients "
+            f"posting prebuilt Bundles get {ceiling:.2f} x what {threads} get; "
             + "; ".join(
-                f"{n} worker(s): workers {statistics.median(w for w, _ in b):.2f} cores busy, "
-                f"FHIR server {statistics.median(e for _, e in b):.2f}"
-                for n, b in sorted(busy.items())
+                f"{n} worker(s): workers {statistics.median(b[0] for b in v):.2f} cores busy, "
+                f"FHIR server {statistics.median(b[1] for b in v):.2f}, "
+                f"whole machine {statistics.median(b[2] for b in v):.2f}"
+                for n, v in sorted(busy.items())
+            )
+            + f"; the FHIR server got {server_gain:.2f} x the CPU with 2 workers as with 1 (about the "
+            "most 2 workers can gain while its CPU per resource stays the same)",
+        ),
+        Figure(
+            "scale_out_server_ceiling" + suffix,
+            f"  FHIR server alone: {2 * threads} bare clients" + label_suffix,
+            "resources/s",
+            floors[2 * threads],
+            floors[threads],
+            f"{threads} bare clients, same run",
+            note=(
+                f"prebuilt transaction Bundles of 100 posted by {2 * threads} concurrent bare clients vs "
+                f"{threads} (as many as the loops of 2 workers vs 1): what the server itself gains from "
+                "twice the writers, i.e. about the most 2 workers could show"
             ),
-        )
+        ),
     ]
+
+
+def _each_once(db: Any, base_url: str) -> str:
+    """Exactly once, checked in the EHR: its Observation count against the Observations queued."""
+    from sqlalchemy import func, select
+
+    from fhir_bridge.storage.models import OutboxItem
+
+    with db.sessions() as session:
+        queued = session.scalar(
+            select(func.count()).select_from(OutboxItem).where(OutboxItem.resource_type == "Observation")
+        )
+    answer = requests.get(f"{base_url}/Observation", params={"_summary": "count"}, timeout=60).json()
+    held = answer.get("total")
+    if held == queued:
+        return f"the EHR holds each of the {held} Observations once"
+    return f"EXACTLY-ONCE BROKEN: the EHR holds {held} Observations for {queued} queued"
 
 
 def _failed_attempts(db: Any) -> str:

@@ -4,8 +4,9 @@ Claiming is the part that must be right for "nothing lost, nothing duplicated":
 
 * A group (``tenant_id``, ``group_key``) is claimed whole or not at all. On PostgreSQL a claimer
   locks due rows in claim order, then every row of their groups, both with ``FOR UPDATE SKIP
-  LOCKED``, so claimers never wait on each other; a group some of whose rows another claimer holds
-  is left to that claimer (or to the next round), never split. SQLite takes its write lock at
+  LOCKED``, so claimers do not wait on each other. When two claimers each locked part of one group,
+  the one holding the group's first pending row waits briefly (in a savepoint) for the rest and
+  takes the group whole; the other leaves it. A group is never split. SQLite takes its write lock at
   ``BEGIN IMMEDIATE`` (see :mod:`fhir_bridge.storage.database`), which serialises claimers.
 * A claim sets ``lease_until``/``leased_by``; a worker that dies simply lets its lease run out and
   another one takes the work. Results are written only for rows the worker still holds, so a worker
@@ -37,6 +38,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from fhir_bridge.storage import Database
@@ -204,24 +206,50 @@ def claim(
             members_query = members_query.with_for_update(skip_locked=True)
         groups: dict[tuple[str, str], list[Any]] = defaultdict(list)
         seen: Counter[tuple[str, str]] = Counter()
+        locked: set[int] = set()
         delivered: list[Any] = []
         for row in session.execute(members_query):
             key = (row.tenant_id, row.group_key)
             seen[key] += 1
+            locked.add(row.id)
             if row.status == "pending":
                 groups[key].append(row)
             elif row.status == "delivered" and row.ehr_id is not None:
                 delivered.append(row)
         whole = set(groups)
         if postgres:
-            # A group is ours only if we locked every one of its rows: rows skipped because another
-            # claimer holds them mean that claimer is taking (part of) the group; leave it to it.
+            # A group is ours outright if we locked every one of its rows. Rows skipped because
+            # another claimer holds them mean two claimers each locked part of the group (their
+            # candidate rows met inside it). Left to itself, each would leave it to the other; so
+            # the one holding the group's first pending row takes it, waiting briefly for the rest
+            # (the other claimer leaves the group and commits within milliseconds).
             totals = session.execute(
-                select(OutboxItem.tenant_id, OutboxItem.group_key, func.count())
+                select(
+                    OutboxItem.tenant_id,
+                    OutboxItem.group_key,
+                    func.count(),
+                    func.min(OutboxItem.id).filter(OutboxItem.status == "pending"),
+                )
                 .where(OutboxItem.group_key.in_(keys))
                 .group_by(OutboxItem.tenant_id, OutboxItem.group_key)
             ).all()
-            whole = {(t, k) for t, k, n in totals if seen[(t, k)] == n}
+            whole = set()
+            for tenant_id, group_key, count, first in totals:
+                key = (tenant_id, group_key)
+                if seen[key] == count:
+                    whole.add(key)
+                elif first is not None and first in locked:
+                    rows = _wait_for_group(session, tenant_id, group_key)
+                    if rows is None:
+                        continue  # still held (or a deadlock broken): the next round takes it
+                    groups[key] = [row for row in rows if row.status == "pending"]
+                    have = {row.id for row in delivered}
+                    delivered += [
+                        row
+                        for row in rows
+                        if row.status == "delivered" and row.ehr_id is not None and row.id not in have
+                    ]
+                    whole.add(key)
         chosen: list[Any] = []
         taken: set[tuple[str, str]] = set()
         for candidate in candidates:  # claim order; whole groups until the batch is full
@@ -257,6 +285,31 @@ def claim(
             ).all()
             result.vendors = {row.id: Vendor(row.client_id, row.name) for row in vendor_rows}
     return result
+
+
+GROUP_WAIT = "500ms"
+
+
+def _wait_for_group(session: Session, tenant_id: str, group_key: str) -> list[Any] | None:
+    """Lock every row of one group, waiting at most ``GROUP_WAIT`` for another claimer to let go.
+
+    PostgreSQL only. In a savepoint, so that a lock timeout (or a deadlock between two claimers each
+    waiting for the other's group, which PostgreSQL breaks) costs this group only, not the claim.
+    """
+    previous = session.scalar(select(func.current_setting("lock_timeout")))
+    try:
+        with session.begin_nested():
+            session.execute(select(func.set_config("lock_timeout", GROUP_WAIT, True)))
+            rows = session.execute(
+                select(*_ITEM_COLUMNS, OutboxItem.status, OutboxItem.ehr_id, OutboxItem.lease_until)
+                .where(OutboxItem.tenant_id == tenant_id, OutboxItem.group_key == group_key)
+                .order_by(OutboxItem.id)
+                .with_for_update()
+            ).all()
+    except OperationalError:
+        rows = None
+    session.execute(select(func.set_config("lock_timeout", previous, True)))
+    return list(rows) if rows is not None else None
 
 
 def extend_lease(db: Database, claim: Claim, item_ids: Collection[int], seconds: float) -> bool:

@@ -23,8 +23,8 @@ import secrets
 import socket
 import threading
 import time
-from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -42,6 +42,10 @@ from mappings import MappedResource
 from mappings.identity import device_resource, full_url
 
 log = logging.getLogger(__name__)
+
+# First idle pause after a batch (doubling up to WORKER_POLL_SECONDS): records pushed a moment after
+# the last claim are picked up at once, and an idle worker still looks only once per poll interval.
+FAST_POLL_SECONDS = 0.02
 
 
 def worker_name() -> str:
@@ -75,6 +79,47 @@ class Policy:
         """Pause after the ``attempts``-th failed attempt: exponential, capped, equal jitter."""
         ceiling = min(self.retry_cap, self.retry_base * 2.0 ** max(0, attempts - 1))
         return ceiling * random.uniform(0.5, 1.0)  # noqa: S311
+
+
+@dataclass
+class _Job:
+    """One tenant's share of a claim: one Bundle (or one round of writes), from claim to record."""
+
+    claim: Claim
+    tenant_id: str
+    items: list[Item]
+    runtime: TenantRuntime | None
+    groups: list[Group]
+    guard: Callable[[], bool]
+    elapsed: float | None = None  # seconds the write took; None while unsent (or released unsent)
+
+
+class _InFlight:
+    """One job being sent on its own daemon thread (a thread per Bundle costs microseconds; unlike an
+    executor's thread, it neither holds up interpreter exit nor refuses work once exit has begun,
+    which would strand the embedded worker's claimed jobs until their leases ran out)."""
+
+    def __init__(
+        self, send: Callable[[_Job], tuple[dict[int, Written] | None, float]], job: _Job, name: str
+    ) -> None:
+        self.job = job
+        self._send = send
+        self._value: tuple[dict[int, Written] | None, float] = (None, 0.0)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._send(self.job)
+        except BaseException as exc:  # handed to the loop, which decides
+            self._error = exc
+
+    def result(self) -> tuple[dict[int, Written] | None, float]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 class Worker:
@@ -124,11 +169,18 @@ class Worker:
         )
 
     def _outbox_once(self, loop: int) -> int:
+        jobs = self._claim_jobs(loop)
+        for job in jobs:
+            self._record(job, self._finish(job, *self._send(job)))
+        return sum(len(job.items) for job in jobs)
+
+    def _claim(self, loop: int) -> Claim | None:
+        """Claim the next batch: live data first, always; backfill only when no live item is due."""
         tenants = self.directory.deliverable()
         if not tenants:
-            return 0
-        # Live data first, always: backfill is claimed only when no live item is due (in large
-        # batches; its tenant's backfill rate limit applies when it is written).
+            return None
+        # Backfill is claimed in large batches; its tenant's backfill rate limit applies when it is
+        # written.
         claim = outbox.claim(
             self.db,
             worker=f"{self.name}/{loop}",
@@ -146,23 +198,18 @@ class Worker:
                 tenants=tenants,
                 backfill=True,
             )
-        if not claim.items:
-            return 0
-        for tenant_id, items in claim.by_tenant().items():
-            self._deliver(claim, tenant_id, items)
-        return len(claim.items)
+        return claim if claim.items else None
 
-    def _deliver(self, claim: Claim, tenant_id: str, items: list[Item]) -> None:
+    def _claim_jobs(self, loop: int) -> list[_Job]:
+        """The next claim as one job per tenant (one Bundle each), ready to send."""
+        claim = self._claim(loop)
+        if claim is None:
+            return []
+        return [self._prepare(claim, tenant_id, items) for tenant_id, items in claim.by_tenant().items()]
+
+    def _prepare(self, claim: Claim, tenant_id: str, items: list[Item]) -> _Job:
+        """Everything before the request: the tenant's runtime, the groups, a writer with its guard."""
         runtime = self.directory.get(tenant_id)
-        now = utcnow()
-        if runtime is None or runtime.paused():
-            outbox.record(
-                self.db,
-                claim.worker,
-                [Result(i.id, "release", attempted=False, next_attempt_at=now) for i in items],
-            )
-            return
-        groups = self._groups(claim, items)
         ids = [item.id for item in items]
 
         def keep_lease() -> bool:
@@ -171,44 +218,67 @@ class Worker:
                 return True
             return outbox.extend_lease(self.db, claim, ids, self.policy.lease_seconds)
 
+        return _Job(claim, tenant_id, items, runtime, self._groups(claim, items), keep_lease)
+
+    def _send(self, job: _Job) -> tuple[dict[int, Written] | None, float]:
+        """The request(s) to the EHR (no database work but a lease extension in a long write).
+
+        None when nothing was sent: the tenant is unknown or paused (checked now, not when the job
+        was claimed, so a pause tripped by the previous batch holds this one back).
+        """
+        runtime = job.runtime
+        if runtime is None or runtime.paused():
+            return None, 0.0
         known = {
             full_url(system, value): f"{resource_type}/{ehr_id}"
-            for (tenant, resource_type, system, value), ehr_id in claim.delivered.items()
-            if tenant == tenant_id
+            for (tenant, resource_type, system, value), ehr_id in job.claim.delivered.items()
+            if tenant == job.tenant_id
         }
-        backfill = all(item.priority >= 1 for item in items)
+        backfill = all(item.priority >= 1 for item in job.items)
         client = runtime.backfill_client if backfill and runtime.backfill_client else runtime.client
         writer = make_writer(
             runtime.strategy,
             client,
             put_types=runtime.put_types,
             device_ids=runtime.device_ids,
-            guard=keep_lease,
+            guard=job.guard,
             known=known,
             provenance=runtime.provenance,
         )
         started = time.perf_counter()
-        written = writer.write(groups)
-        elapsed = time.perf_counter() - started
-        results = self._results(runtime, items, written, elapsed)
-        stored = outbox.record(self.db, claim.worker, results)
+        written = writer.write(job.groups)
+        return written, time.perf_counter() - started
+
+    def _finish(self, job: _Job, written: dict[int, Written] | None, elapsed: float) -> list[Result]:
+        """Outbox results for a sent job; trips or resets the tenant's health (no database work)."""
+        if written is None or job.runtime is None:
+            now = utcnow()
+            return [Result(i.id, "release", attempted=False, next_attempt_at=now) for i in job.items]
+        job.elapsed = elapsed
+        return self._results(job.runtime, job.items, written, elapsed)
+
+    def _record(self, job: _Job, results: list[Result]) -> None:
+        """One transaction: the results of a job (executemany per shape, see outbox.record)."""
+        stored = outbox.record(self.db, job.claim.worker, results)
+        if job.elapsed is None:
+            return  # released unsent
         fates = Counter(r.fate for r in results)
         if stored < len(results):
             log.warning(
                 "lease lost before results were recorded; another worker repeats these",
-                extra={"tenant": tenant_id, "count": len(results) - stored, "worker": claim.worker},
+                extra={"tenant": job.tenant_id, "count": len(results) - stored, "worker": job.claim.worker},
             )
-        metrics.DELIVERED.labels(tenant_id).inc(fates["delivered"])
+        metrics.DELIVERED.labels(job.tenant_id).inc(fates["delivered"])
         log.info(
             "batch written",
             extra={
-                "tenant": tenant_id,
-                "outbox_items": len(items),
+                "tenant": job.tenant_id,
+                "outbox_items": len(job.items),
                 "delivered": fates["delivered"],
                 "failed": fates["retry"] + fates["release"],
                 "dead": fates["dead"],
-                "seconds": round(elapsed, 3),
-                "worker": claim.worker,
+                "seconds": round(job.elapsed, 3),
+                "worker": job.claim.worker,
             },
         )
 
@@ -354,20 +424,105 @@ class Worker:
             scheduler_thread.join(min(30.0, self.policy.lease_seconds))
         log.info("delivery worker stopped", extra={"worker": self.name})
 
-    def _loop(self, number: int) -> None:
-        # Stagger the loops so they do not claim in step.
-        if number:
+    def run_until_idle(self, *, threads: int = 1) -> None:
+        """The delivery loops of :meth:`run` until the outbox has nothing due (benchmarks, tests)."""
+        loops = [
+            threading.Thread(target=self._loop, args=(n,), kwargs={"until_idle": True})
+            for n in range(threads)
+        ]
+        for thread in loops:
+            thread.start()
+        for thread in loops:
+            thread.join()
+
+    def _loop(self, number: int, *, until_idle: bool = False) -> None:
+        """One delivery loop, pipelined: while one Bundle is with the EHR, the loop records the one
+        before it, so the EHR does not wait for our database work. Still at most one request in
+        flight per loop, so tenant rate and concurrency limits mean what they meant.
+
+        When to claim the next batch adapts to the load. After a full claim (a backlog: the next
+        Bundle will be full whenever it is claimed) the next claim is taken while the current Bundle
+        is with the EHR, so the EHR never waits for it. After a partial claim (keeping up) the next
+        claim waits for the EHR's answer, so that it takes everything that arrived meanwhile: one
+        larger Bundle instead of several small ones, each of which costs the EHR a request, the
+        Device lookup and a Provenance.
+
+        Idle, the loop polls quickly at first (work often comes in bursts: the next push is a few
+        milliseconds away) and backs off to ``WORKER_POLL_SECONDS``. ``until_idle`` returns at the
+        first empty claim instead (benchmarks, tests).
+        """
+        if number and not until_idle:
+            # Stagger the loops so they do not claim in step.
             self.stop.wait(self.policy.poll_seconds * number / 2)
-        while not self.stop.is_set():
-            try:
-                handled = self.run_once(loop=number)
-            except SQLAlchemyError as exc:
-                # The database is down or busy: nothing is lost (the outbox is the database); wait.
-                log.error("outbox unavailable", extra={"exception": type(exc).__name__, "worker": self.name})
-                self.stop.wait(max(self.policy.poll_seconds, 5.0))
-                continue
-            if handled == 0:
-                self.stop.wait(self.policy.poll_seconds)
+        fast = min(FAST_POLL_SECONDS, self.policy.poll_seconds)
+        idle_wait = fast
+        queue: deque[_Job] = deque()
+        inflight: _InFlight | None = None
+        backlog = False  # the last claim was full
+        try:
+            while True:
+                stopping = self.stop.is_set()
+                if stopping and inflight is None:
+                    break
+                done: tuple[_Job, list[Result]] | None = None
+                try:
+                    if not queue and not stopping and (inflight is None or backlog):
+                        backlog = self._claim_into(queue, number)
+                    if inflight is not None:
+                        sent, inflight = inflight, None
+                        # Results first (a failure may pause the tenant), then the next request.
+                        done = (sent.job, self._finish(sent.job, *sent.result()))
+                        if not queue and not stopping:
+                            backlog = self._claim_into(queue, number)
+                    if queue and not stopping:
+                        inflight = _InFlight(self._send, queue.popleft(), f"delivery-{number}-send")
+                    if done is not None:
+                        self._record(*done)
+                except SQLAlchemyError as exc:
+                    # The database is down or busy: nothing is lost (the outbox is the database, and
+                    # a batch written but not recorded is repeated harmlessly once its lease ends).
+                    log.error(
+                        "outbox unavailable", extra={"exception": type(exc).__name__, "worker": self.name}
+                    )
+                    self.stop.wait(max(self.policy.poll_seconds, 5.0))
+                    continue
+                busy = inflight is not None or bool(queue) or done is not None
+                if not busy or time.monotonic() >= self._webhooks_due:
+                    self._webhooks_due = time.monotonic() + 1.0
+                    try:
+                        busy = self._webhooks() > 0 or busy
+                    except SQLAlchemyError as exc:
+                        log.error(
+                            "outbox unavailable",
+                            extra={"exception": type(exc).__name__, "worker": self.name},
+                        )
+                if busy:
+                    idle_wait = fast
+                    continue
+                if until_idle:
+                    break
+                self.stop.wait(idle_wait)
+                idle_wait = min(self.policy.poll_seconds, idle_wait * 2)
+        finally:
+            self._drain(inflight, queue)
+
+    def _claim_into(self, queue: deque[_Job], loop: int) -> bool:
+        """Claim the next batch into ``queue``; whether the claim was full (a backlog is waiting)."""
+        jobs = self._claim_jobs(loop)
+        queue.extend(jobs)
+        return sum(len(job.items) for job in jobs) >= self.policy.batch_size
+
+    def _drain(self, inflight: _InFlight | None, queue: deque[_Job]) -> None:
+        """On the way out: record the batch with the EHR, hand back the ones claimed but not sent."""
+        try:
+            if inflight is not None:
+                self._record(inflight.job, self._finish(inflight.job, *inflight.result()))
+            while queue:
+                job = queue.popleft()
+                self._record(job, self._finish(job, None, 0.0))
+        except SQLAlchemyError as exc:
+            # Their leases run out and another loop repeats them.
+            log.error("outbox unavailable", extra={"exception": type(exc).__name__, "worker": self.name})
 
 
 class BackgroundWorker:

@@ -7,6 +7,7 @@ known quirks (docs/ehr-vendors.md) are things the product must cope with, not th
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -28,7 +29,11 @@ class SekmetServer:
     """One sekmet process; ``smart_clients`` turns SMART auth on (client_id, scopes, jwks or jwks_url)."""
 
     def __init__(
-        self, *, smart_clients: list[dict[str, Any]] | None = None, token_lifetime: int = 300
+        self,
+        *,
+        smart_clients: list[dict[str, Any]] | None = None,
+        token_lifetime: int = 300,
+        processes: int = 1,
     ) -> None:
         exe = sekmet_executable()
         if exe is None:
@@ -38,6 +43,8 @@ class SekmetServer:
         self.root = Path(tempfile.mkdtemp(prefix="fhir-bridge-sekmet-"))
         self.smart_clients = smart_clients
         self.token_lifetime = token_lifetime
+        # More than one: uvicorn --workers N on the same data folder (benchmarks only; see start()).
+        self.processes = processes
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.root / "sekmet.log"
 
@@ -77,13 +84,42 @@ class SekmetServer:
         # JSON is valid YAML; no YAML writer needed.
         config.write_text(json.dumps(self._settings()))
         # The child keeps its own copy of the log file descriptor; ours is closed at once.
+        port = str(self.port)
+        command = [self.exe, "serve", "--config", str(config), "--host", "127.0.0.1", "--port", port]
+        env = None
+        if self.processes > 1:
+            # `sekmet serve` has no worker option; it runs uvicorn on this factory, so uvicorn's own
+            # --workers gives N processes on one SQLite file. sekmet serialises writes through
+            # BEGIN IMMEDIATE (a file lock, so across processes too), and keeps a per-process
+            # history sequence counter (history order across processes is not kept): fit for
+            # throughput benchmarks, not for tests of its behaviour. Auth must stay off (each
+            # process could mint its own token secret on a fresh data folder).
+            if self.smart_clients is not None:
+                raise ValueError("several sekmet processes only without SMART auth")
+            command = [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "sekmet.main:app_factory",
+                "--factory",
+                "--workers",
+                str(self.processes),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+            ]
+            env = {**os.environ, "SEKMET_CONFIG": str(config)}
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [self.exe, "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(self.port)],
+                command,
                 cwd=self.root,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env=env,
             )
         wait_until(lambda: port_open(self.port), timeout=60, what="sekmet FHIR server", proc=self.proc)
         wait_until(self._metadata_ok, timeout=60, what="sekmet FHIR server", proc=self.proc)

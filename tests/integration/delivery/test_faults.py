@@ -160,6 +160,42 @@ def test_a_long_retry_after_reschedules_instead_of_retrying_in_a_loop(
     assert proxy.injected == 1
 
 
+def test_the_pipelined_loop_holds_back_the_batch_it_claimed_while_the_ehr_was_refusing(
+    smart_ehr: SekmetServer, proxy: FaultProxy, make_services: ServicesFactory, sqlite_url: str
+) -> None:
+    """The delivery loop claims batch N+1 while batch N is with the EHR. When N comes back 429, the
+    tenant is paused before N+1 would be sent: N+1 goes back to the queue untouched, and the EHR sees
+    one request, not one per batch claimed. Stopping the loop leaves no lease behind."""
+    services = make_services(sqlite_url, worker_batch_size=5, worker_retry_max_seconds=600)
+    add_tenant(
+        services.db,
+        "piped",
+        proxy.base_url,
+        client_id=CLIENT_ID,
+        token_url=smart_ehr.token_url,
+        quirks=QR_PUT,
+    )
+    seed(services.db, "piped", patient=new_patient(), records=40)
+    proxy.during(600, Respond(429, (("Retry-After", "120"),)))
+    worker = Worker(services)
+    loop = threading.Thread(target=worker.run, kwargs={"threads": 1})
+    loop.start()
+    try:
+        _wait_for(lambda: proxy.injected >= 1, what="the first request")
+        time.sleep(1.0)  # many fast polls: none may send while the tenant is paused
+    finally:
+        worker.stop.set()
+        loop.join(30)
+    assert proxy.injected == 1, "one request, then the tenant waits; the batch claimed meanwhile is not sent"
+    with services.db.sessions() as session:
+        rows = session.execute(select(OutboxItem.status, OutboxItem.attempts, OutboxItem.leased_by)).all()
+        tried = session.scalar(select(func.count(func.distinct(DeliveryAttempt.outbox_id))))
+    assert {status for status, _, _ in rows} == {"pending"}, "nothing dead-lettered or lost"
+    assert {leased_by for _, _, leased_by in rows} == {None}, "stopping hands every claim back"
+    assert max(attempts for _, attempts, _ in rows) == 1
+    assert 0 < (tried or 0) <= 5, "only the batch that was sent counts an attempt"
+
+
 def test_an_ehr_failing_every_time_dead_letters_after_the_attempt_budget(
     smart_ehr: SekmetServer, proxy: FaultProxy, make_services: ServicesFactory, sqlite_url: str
 ) -> None:

@@ -8,6 +8,7 @@ import uuid
 from collections import defaultdict
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import func, select
 
 from fhir_bridge.delivery import outbox
@@ -106,9 +107,9 @@ def test_concurrent_claimers_never_share_an_item(make_services: ServicesFactory,
             )
 
     def claimer(name: str) -> None:
-        # An empty claim is not the end: on PostgreSQL two claimers that each locked part of one group
-        # both leave it (neither may split it) and a worker takes it at its next poll. So poll until
-        # every item is leased, as the worker does.
+        # An empty claim is not the end: on PostgreSQL a claimer whose locked rows all belong to groups
+        # another claimer is taking whole comes back empty, and a group still held after the short
+        # wait is left to the next poll. So poll until every item is leased, as the worker does.
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             batch = outbox.claim(db, worker=name, limit=7, lease_seconds=60, tenants=["t1"]).items
@@ -175,3 +176,61 @@ def test_dead_letters_go_back_whole_and_purge_removes_old_items(
         left = set(session.scalars(select(OutboxItem.status)))
     assert left == {"pending"}
     assert len(seeded.records) == 3
+
+
+def test_a_group_split_between_two_claimers_goes_whole_to_the_one_holding_its_first_row(
+    make_services: ServicesFactory, database_url: str
+) -> None:
+    """PostgreSQL: claimer B's candidate rows may end inside a group whose first row claimer A
+    locked. Before, both left the group for a later poll; now A waits for B to let go and takes it
+    whole, while B (not holding the first row) leaves it without waiting."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("row locks are PostgreSQL's; SQLite serialises claimers")
+    db = make_services(database_url).db
+    add_tenant(db, "t1", BASE)
+    seed(db, "t1", patient="p", records=1, kinds=["phq9"])  # one group of two resources
+    (members,) = groups_of(db, "t1").values()
+    first, second = sorted(members)
+
+    def hold(row_id: int, seconds: float, ready: threading.Event) -> None:
+        """Another claimer's open transaction holding one row of the group, then leaving it."""
+        with db.engine.connect() as conn, conn.begin():
+            conn.execute(select(OutboxItem.id).where(OutboxItem.id == row_id).with_for_update())
+            ready.set()
+            time.sleep(seconds)
+
+    # The other claimer holds the second row: we hold the first, so we wait and take both.
+    ready = threading.Event()
+    other = threading.Thread(target=hold, args=(second, 0.2, ready))
+    other.start()
+    ready.wait(5)
+    claim = outbox.claim(db, worker="a", limit=1, lease_seconds=60, tenants=["t1"])
+    other.join()
+    assert sorted(i.id for i in claim.items) == [first, second], "taken whole, not left for later"
+
+    # Released, then the other claimer holds the first row: we do not wait, and do not split it.
+    outbox.record(db, "a", [Result(i, "release", attempted=False) for i in (first, second)])
+    ready = threading.Event()
+    other = threading.Thread(target=hold, args=(first, 1.0, ready))
+    other.start()
+    ready.wait(5)
+    try:
+        assert outbox.claim(db, worker="b", limit=10, lease_seconds=60, tenants=["t1"]).items == []
+    finally:
+        other.join()
+    again = outbox.claim(db, worker="b", limit=10, lease_seconds=60, tenants=["t1"])
+    assert sorted(i.id for i in again.items) == [first, second]
+
+    # The other claimer holds the second row longer than we wait: we give the group up (the
+    # savepoint keeps the rest of the claim usable) and take it whole once it is free.
+    outbox.record(db, "b", [Result(i, "release", attempted=False) for i in (first, second)])
+    ready = threading.Event()
+    other = threading.Thread(target=hold, args=(second, 2.0, ready))
+    other.start()
+    ready.wait(5)
+    try:
+        assert outbox.claim(db, worker="c", limit=1, lease_seconds=60, tenants=["t1"]).items == []
+    finally:
+        other.join()
+    last = outbox.claim(db, worker="c", limit=1, lease_seconds=60, tenants=["t1"])
+    assert sorted(i.id for i in last.items) == [first, second]

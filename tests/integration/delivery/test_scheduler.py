@@ -157,8 +157,9 @@ def test_key_rotation_replaces_a_key_older_than_the_rotation_age(
 def test_claims_on_postgresql_lock_with_skip_locked(
     pg_server: PostgresServer, make_services: ServicesFactory
 ) -> None:
-    """Claimers never wait on each other on PostgreSQL: every locking SELECT of a claim skips
-    rows another claimer holds (docs/deploy.md relies on this for N workers)."""
+    """Claimers do not wait on each other on PostgreSQL: every locking SELECT of a claim skips
+    rows another claimer holds (docs/deploy.md relies on this for N workers). The one exception, a
+    group two claimers each locked part of, is test_outbox.py's split-group test."""
     from sqlalchemy import event
 
     from fhir_bridge.delivery import outbox

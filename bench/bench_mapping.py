@@ -116,7 +116,7 @@ def make_records(count: int, seed: int) -> list[tuple[str, str, bytes]]:
     measures = rng.choices(list(MIX), weights=list(MIX.values()), k=count)
     out = []
     for i, measure in enumerate(measures):
-        record = {"record_id": f"r-{i}", "app_user_id": f"u-{i % 50}", "measure": measure}
+        record: dict[str, Any] = {"record_id": f"r-{i}", "app_user_id": f"u-{i % 50}", "measure": measure}
         record["data"] = make_record(measure, rng)
         out.append((measure, f"r-{i}", orjson.dumps(record)))
     return out
@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     catalog = load_catalog()
     records = make_records(args.records, args.seed)
     device = device_full_url(VENDOR)
-    schemas = {m: catalog._mappers[m].schema for m in catalog.measures()}  # the floor reuses them
+    mappers: dict[str, Any] = dict(catalog._mappers)
+    schemas = {m: mappers[m].schema for m in catalog.measures()}  # the floor reuses them
     latest = RECEIVED + catalog.future_tolerance
 
     def floor() -> int:

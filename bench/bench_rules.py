@@ -48,18 +48,19 @@ def story_records(key: str, app_user_id: str, end: datetime) -> list[dict[str, A
 @contextmanager
 def hook(mode: str, rules_dir: Path) -> Iterator[None]:
     """Swap the push's rules hook for this configuration."""
-    import fhir_bridge.push as push_module
+    import fhir_bridge.push
     from fhir_bridge.rules import engine
 
+    push_module: Any = fhir_bridge.push  # its ``on_accepted`` is swapped, so typed loosely
     original = push_module.on_accepted
     if mode == "off":
-        push_module.on_accepted = lambda *args, **kwargs: []  # type: ignore[assignment]
+        push_module.on_accepted = lambda *args, **kwargs: []
     elif mode == "ledger":
-        push_module.on_accepted = lambda s, p, n, **kw: engine.on_accepted(s, p, n, rules_dir=rules_dir)  # type: ignore[assignment]
+        push_module.on_accepted = lambda s, p, n, **kw: engine.on_accepted(s, p, n, rules_dir=rules_dir)
     try:
         yield
     finally:
-        push_module.on_accepted = original  # type: ignore[assignment]
+        push_module.on_accepted = original
 
 
 def setup(database_url: str, patients: int, workdir: Path) -> tuple[Any, Any, Any, list[str]]:

@@ -146,6 +146,7 @@ def _instrument() -> dict[str, float]:
 
     from fhir_bridge import push
     from fhir_bridge.api import common, records
+    from fhir_bridge.relationship import tasks as relationship_tasks
 
     spent: dict[str, float] = {}
 
@@ -169,7 +170,7 @@ def _instrument() -> dict[str, float]:
     wrap(push, "_evaluate", "  _evaluate (enrollments, duplicates, mapping)")
     wrap(push, "write_accepted", "  write_accepted (records, outbox, rules, tasks)")
     wrap(push, "on_accepted", "    rules: ledger, probe")
-    wrap(push.tasks, "on_push", "    tasks/goals probe")
+    wrap(relationship_tasks, "on_push", "    tasks/goals probe")
     return spent
 
 

@@ -8,7 +8,6 @@ import uuid
 from collections import defaultdict
 from datetime import timedelta
 
-import pytest
 from sqlalchemy import func, select
 
 from fhir_bridge.delivery import outbox
@@ -16,6 +15,7 @@ from fhir_bridge.delivery.outbox import Result
 from fhir_bridge.storage.models import DeliveryAttempt, OutboxItem, Record, utcnow
 from tests.integration.delivery.conftest import ServicesFactory
 from tests.support.outbox_seed import add_tenant, seed
+from tests.support.postgres import PostgresServer
 
 BASE = "https://ehr.example/fhir"
 
@@ -179,14 +179,13 @@ def test_dead_letters_go_back_whole_and_purge_removes_old_items(
 
 
 def test_a_group_split_between_two_claimers_goes_whole_to_the_one_holding_its_first_row(
-    make_services: ServicesFactory, database_url: str
+    make_services: ServicesFactory, pg_server: PostgresServer
 ) -> None:
-    """PostgreSQL: claimer B's candidate rows may end inside a group whose first row claimer A
-    locked. Before, both left the group for a later poll; now A waits for B to let go and takes it
-    whole, while B (not holding the first row) leaves it without waiting."""
-    if not database_url.startswith("postgresql"):
-        pytest.skip("row locks are PostgreSQL's; SQLite serialises claimers")
-    db = make_services(database_url).db
+    """PostgreSQL only (row locks; SQLite serialises claimers): claimer B's candidate rows may end
+    inside a group whose first row claimer A locked. Before, both left the group for a later poll;
+    now A waits for B to let go and takes it whole, while B (not holding the first row) leaves it
+    without waiting."""
+    db = make_services(pg_server.create_database()).db
     add_tenant(db, "t1", BASE)
     seed(db, "t1", patient="p", records=1, kinds=["phq9"])  # one group of two resources
     (members,) = groups_of(db, "t1").values()

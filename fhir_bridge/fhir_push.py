@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from fhir_bridge.enrollment import APP_USER_ID, active_by_app_user
 from fhir_bridge.errors import BridgeError, operation_outcome
-from fhir_bridge.push import Prepared, Result, Work, existing_records
+from fhir_bridge.push import Prepared, Result, Work, existing_records, new_ids
 from fhir_bridge.rules.fhir_measurements import measurements_of
 from fhir_bridge.storage.models import Enrollment, VendorClient
 from mappings import MappedResource
@@ -340,7 +340,7 @@ def process(
             continue
         if item.full_url:
             rewrites[item.full_url] = our_url
-        record_uuid = str(uuid.uuid4())
+        record_uuid = str(new_ids(1)[0])  # time-ordered, as native records' (see new_ids)
         seen[item.record_id] = record_uuid
         results.append(EntryResult(201, record_uuid=record_uuid, resource=resource))
         result = Result(index=index, record_id=item.record_id, status="accepted", id=record_uuid)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -161,10 +162,28 @@ class Prepared:
 
 
 def new_ids(count: int) -> list[uuid.UUID]:
-    """``count`` random (version 4) UUIDs, as :func:`uuid.uuid4` makes them, from one ``urandom`` call:
-    a system call per record was a visible share of a batch push."""
-    raw = os.urandom(16 * count)
-    return [uuid.UUID(bytes=raw[i : i + 16], version=4) for i in range(0, 16 * count, 16)]
+    """``count`` time-ordered (version 7, RFC 9562) UUIDs for the records of one push, in order.
+
+    Why time-ordered: a record's id is the key of ``records`` and is indexed again in ``outbox`` and
+    ``measurements``. Random (version 4) keys land on a random leaf page of each of those B-trees, so
+    a 1,000-record push dirtied about a thousand pages per index, each read, changed and written to
+    the WAL at commit (SQLite: the largest part of the push's database CPU). Keys that grow with time
+    land on the last few pages. Layout: 48 bits of Unix milliseconds, the version, a 16-bit counter
+    (the record's position in the push, split over ``rand_a`` and the top of ``rand_b``: "fixed-length
+    dedicated counter", RFC 9562 section 6.2, method 1), the variant, and 58 random bits from one
+    ``urandom`` call. Ids expose the moment of acceptance to the millisecond, which the vendor is told
+    anyway (``received_at``).
+    """
+    if count > 0xFFFF:
+        raise ValueError("at most 65,535 ids per call (the counter has 16 bits)")
+    head = (time.time_ns() // 1_000_000) << 80 | 0x7 << 76 | 0b10 << 62
+    raw = os.urandom(8 * count)
+    mask = (1 << 58) - 1
+    from_bytes = int.from_bytes
+    return [
+        uuid.UUID(int=head | (n >> 4) << 64 | (n & 0xF) << 58 | from_bytes(raw[8 * n : 8 * n + 8]) & mask)
+        for n in range(count)
+    ]
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,10 @@ class Claim:
     # Resources of the claimed groups already in the EHR (a retried dead letter's siblings), so that
     # references to them can be written as the EHR's ids: (tenant, type, system, value) -> ehr id.
     delivered: dict[tuple[str, str, str, str], str] = field(default_factory=dict)
+    # The claim stopped at its limit: more due items were there (a backlog). Not the same as
+    # len(items) >= limit: whole groups are taken, so a claim that ends before a group that does not
+    # fit holds fewer items than the limit although the queue is long.
+    full: bool = False
 
     def by_tenant(self) -> dict[str, list[Item]]:
         grouped: dict[str, list[Item]] = defaultdict(list)
@@ -193,6 +197,7 @@ def claim(
         candidates = session.execute(candidates_query).all()
         if not candidates:
             return result
+        result.full = len(candidates) >= limit
         keys = sorted({row.group_key for row in candidates})
         # Every row of those groups, found by group_key alone (its index; with a status condition
         # SQLite prefers the claim index and scans the queue). Pending rows are the members;

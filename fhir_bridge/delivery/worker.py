@@ -33,7 +33,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from fhir_bridge.delivery import outbox
 from fhir_bridge.delivery.outbox import Claim, Item, Result, Vendor
 from fhir_bridge.delivery.tenants import TenantDirectory, TenantRuntime
-from fhir_bridge.delivery.writers import Group, Written, make_outcome, make_writer
+from fhir_bridge.delivery.writers import (
+    Group,
+    TransactionWriter,
+    Writer,
+    Written,
+    make_outcome,
+    make_writer,
+)
 from fhir_bridge.ops import metrics
 from fhir_bridge.relationship import webhooks
 from fhir_bridge.services import Services
@@ -91,6 +98,7 @@ class _Job:
     runtime: TenantRuntime | None
     groups: list[Group]
     guard: Callable[[], bool]
+    writer: Writer | None = None  # made (and its first request built) at claim time; None: no runtime
     elapsed: float | None = None  # seconds the write took; None while unsent (or released unsent)
 
 
@@ -218,17 +226,15 @@ class Worker:
                 return True
             return outbox.extend_lease(self.db, claim, ids, self.policy.lease_seconds)
 
-        return _Job(claim, tenant_id, items, runtime, self._groups(claim, items), keep_lease)
+        job = _Job(claim, tenant_id, items, runtime, self._groups(claim, items), keep_lease)
+        if runtime is not None:
+            job.writer = self._writer(job, runtime)
+            if isinstance(job.writer, TransactionWriter):
+                # While the previous Bundle is with the EHR (see TransactionWriter.prepare).
+                job.writer.prepare(job.groups)
+        return job
 
-    def _send(self, job: _Job) -> tuple[dict[int, Written] | None, float]:
-        """The request(s) to the EHR (no database work but a lease extension in a long write).
-
-        None when nothing was sent: the tenant is unknown or paused (checked now, not when the job
-        was claimed, so a pause tripped by the previous batch holds this one back).
-        """
-        runtime = job.runtime
-        if runtime is None or runtime.paused():
-            return None, 0.0
+    def _writer(self, job: _Job, runtime: TenantRuntime) -> Writer:
         known = {
             full_url(system, value): f"{resource_type}/{ehr_id}"
             for (tenant, resource_type, system, value), ehr_id in job.claim.delivered.items()
@@ -236,7 +242,7 @@ class Worker:
         }
         backfill = all(item.priority >= 1 for item in job.items)
         client = runtime.backfill_client if backfill and runtime.backfill_client else runtime.client
-        writer = make_writer(
+        return make_writer(
             runtime.strategy,
             client,
             put_types=runtime.put_types,
@@ -245,8 +251,18 @@ class Worker:
             known=known,
             provenance=runtime.provenance,
         )
+
+    def _send(self, job: _Job) -> tuple[dict[int, Written] | None, float]:
+        """The request(s) to the EHR (no database work but a lease extension in a long write).
+
+        None when nothing was sent: the tenant is unknown or paused (checked now, not when the job
+        was claimed, so a pause tripped by the previous batch holds this one back).
+        """
+        runtime = job.runtime
+        if runtime is None or job.writer is None or runtime.paused():
+            return None, 0.0
         started = time.perf_counter()
-        written = writer.write(job.groups)
+        written = job.writer.write(job.groups)
         return written, time.perf_counter() - started
 
     def _finish(self, job: _Job, written: dict[int, Written] | None, elapsed: float) -> list[Result]:
@@ -510,7 +526,7 @@ class Worker:
         """Claim the next batch into ``queue``; whether the claim was full (a backlog is waiting)."""
         jobs = self._claim_jobs(loop)
         queue.extend(jobs)
-        return sum(len(job.items) for job in jobs) >= self.policy.batch_size
+        return bool(jobs) and jobs[0].claim.full
 
     def _drain(self, inflight: _InFlight | None, queue: deque[_Job]) -> None:
         """On the way out: record the batch with the EHR, hand back the ones claimed but not sent."""

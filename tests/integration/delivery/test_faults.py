@@ -35,7 +35,7 @@ from tests.integration.delivery.conftest import (
     reader_for,
     start_sekmet,
 )
-from tests.support.fault_proxy import FaultProxy, ForwardThenDrop, Pass, Respond
+from tests.support.fault_proxy import Delay, FaultProxy, ForwardThenDrop, Pass, Respond
 from tests.support.outbox_seed import add_tenant, in_ehr, outbox_states, seed
 from tests.support.postgres import PostgresServer
 from tests.support.sekmet import SekmetServer
@@ -194,6 +194,58 @@ def test_the_pipelined_loop_holds_back_the_batch_it_claimed_while_the_ehr_was_re
     assert {leased_by for _, _, leased_by in rows} == {None}, "stopping hands every claim back"
     assert max(attempts for _, attempts, _ in rows) == 1
     assert 0 < (tried or 0) <= 5, "only the batch that was sent counts an attempt"
+
+
+def test_a_long_queue_is_claimed_ahead_even_when_whole_groups_leave_each_claim_short(
+    smart_ehr: SekmetServer,
+    proxy: FaultProxy,
+    ehr_reader: FhirClient,
+    make_services: ServicesFactory,
+    sqlite_url: str,
+) -> None:
+    """With a backlog, the loop claims the next batch while the current one is with the EHR, so the
+    EHR never waits for our claim. Claims take whole groups: with batches of 5 and records of 2
+    items (a questionnaire and its score), each claim stops at 4 items although the queue is long.
+    That short claim once read as "keeping up", and the next claim waited for the EHR's answer."""
+    services = make_services(sqlite_url, worker_batch_size=5)
+    add_tenant(
+        services.db,
+        "ahead",
+        proxy.base_url,
+        client_id=CLIENT_ID,
+        token_url=smart_ehr.token_url,
+        quirks=QR_PUT,
+    )
+    patient = new_patient()
+    seeded = seed(services.db, "ahead", patient=patient, records=12, kinds=("phq9",))
+    proxy.queue(Delay(3.0))  # the first Bundle stays with the "EHR" for 3 s
+
+    def leased() -> int:
+        with services.db.sessions() as session:
+            count = session.scalar(
+                select(func.count())
+                .select_from(OutboxItem)
+                .where(OutboxItem.status == "pending", OutboxItem.leased_by.is_not(None))
+            )
+        return int(count or 0)
+
+    worker = Worker(services)
+    loop = threading.Thread(target=worker.run, kwargs={"threads": 1})
+    loop.start()
+    try:
+        _wait_for(lambda: leased() >= 4, what="the first claim")
+        time.sleep(1.0)  # the first Bundle is still delayed at the proxy
+        in_hand = leased()
+        drain_deadline = time.monotonic() + 60
+        while outbox_states(services.db, "ahead") != Counter({"delivered": len(seeded.items)}):
+            assert time.monotonic() < drain_deadline, outbox_states(services.db, "ahead")
+            time.sleep(0.1)
+    finally:
+        worker.stop.set()
+        loop.join(30)
+    assert in_hand == 8, "two claims of 4 in hand: the one with the EHR and the next, claimed meanwhile"
+    held = in_ehr(ehr_reader, patient)
+    assert len(held) == len(seeded.items) and set(held.values()) == {1}, "each resource once"
 
 
 def test_an_ehr_failing_every_time_dead_letters_after_the_attempt_budget(

@@ -15,6 +15,7 @@ from werkzeug.test import TestResponse
 
 from fhir_bridge.sandbox import SandboxConfig, create_sandbox_app
 from fhir_bridge.sandbox.runtime import Sandbox
+from tests.support.http import json_of
 from tests.support.smart import AppKey, authorize_query, pkce_pair, redirect_params
 
 BASE = "http://127.0.0.1:9090"
@@ -98,7 +99,7 @@ class Driver:
     def launch(self, client_id: str = "app", patient: str = PATIENT) -> str:
         response = self.admin("POST", "/launches", {"client_id": client_id, "patient": patient})
         assert response.status_code == 201, response.json
-        return str(response.json["launch"])
+        return str(json_of(response)["launch"])
 
     # -- app ---------------------------------------------------------------------------------
     def authorize(self, **params: str | None) -> TestResponse:
@@ -159,7 +160,7 @@ class Driver:
     def backend_token(self, key: AppKey, scope: str = "system/*.cruds", client_id: str = "backend") -> str:
         response = self.token(key.client_credentials(client_id, TOKEN_URL, scope))
         assert response.status_code == 200, response.json
-        return str(response.json["access_token"])
+        return str(json_of(response)["access_token"])
 
     # -- FHIR --------------------------------------------------------------------------------
     def fhir(

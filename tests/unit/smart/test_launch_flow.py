@@ -26,6 +26,7 @@ from fhir_bridge.ops.logs import JsonFormatter
 from fhir_bridge.storage.models import SmartLaunch, Tenant
 from tests.conftest import AppFactory
 from tests.support.fake_ehr import BASE, CLIENT_ID, JWKS, TOKEN, FakeEhr, observation
+from tests.support.http import json_of
 from tests.unit.smart.conftest import (
     EHR_ORIGIN,
     PUBLIC,
@@ -171,9 +172,9 @@ def test_two_launches_in_one_browser_keep_their_own_patients(browser: FlaskClien
     one = browser.get(f"/app/{first}/api/summary", base_url=PUBLIC)
     two = browser.get(f"/app/{second}/api/summary", base_url=PUBLIC)
     assert one.status_code == two.status_code == 200
-    assert one.json["series"]["phq9"]["v"] == [12]
-    assert two.json["series"] == {}  # p1's result never shows for p2
-    assert two.json["dropped"]["other_patient"] == 1
+    assert json_of(one)["series"]["phq9"]["v"] == [12]
+    assert json_of(two)["series"] == {}  # p1's result never shows for p2
+    assert json_of(two)["dropped"]["other_patient"] == 1
     observation_searches = [parse_qs(urlsplit(u).query) for u in calls(ehr) if "/Observation" in u]
     assert [q["patient"] for q in observation_searches] == [["p1"], ["p2"]]
 
@@ -428,7 +429,7 @@ def test_lenient_but_safe_reading_of_an_odd_token_response(
 def test_narrower_scope_degrades_with_a_clear_message(browser: FlaskClient, ehr: FakeEhr) -> None:
     ehr.scope = "launch patient/Patient.rs"  # D8: no observations granted, no openid
     launch_id = full_launch(browser, ehr)
-    summary = browser.get(f"/app/{launch_id}/api/summary", base_url=PUBLIC).json
+    summary = json_of(browser.get(f"/app/{launch_id}/api/summary", base_url=PUBLIC))
     assert [p["code"] for p in summary["problems"]] == ["not-permitted"]
     assert not any("/Observation" in url for url in calls(ehr))
 

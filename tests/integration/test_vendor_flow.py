@@ -93,7 +93,7 @@ def test_done_when_mixed_batch(app: Flask, tmp_path: Path) -> None:
     assert first.status_code == 200 and first.json["results"][0]["status"] == "accepted"
     earlier_id = first.json["results"][0]["id"]
 
-    batch = {
+    batch: dict[str, Any] = {
         "records": [
             {
                 "record_id": "r-1",

@@ -18,3 +18,10 @@ def json_of(response: TestResponse) -> Any:
     data = response.json
     assert data is not None, f"expected a JSON body, got {response.status} {response.mimetype}"
     return data
+
+
+def json_object_of(response: TestResponse) -> dict[str, Any]:
+    """The decoded JSON body when the test needs it to be an object (a FHIR resource, a token response)."""
+    data = json_of(response)
+    assert isinstance(data, dict), f"expected a JSON object, got {type(data).__name__}"
+    return data

@@ -15,6 +15,7 @@ import requests
 import responses
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
+from auth.http import parse_retry_after
 from fhir_bridge.fhir_client import (
     FhirAuthError,
     FhirBadResponse,
@@ -23,7 +24,6 @@ from fhir_bridge.fhir_client import (
     FhirTemporaryError,
     FhirUnsafeUrlError,
     parse_location,
-    parse_retry_after,
 )
 
 BASE = "https://ehr.example/fhir/r4"
@@ -289,7 +289,7 @@ def test_next_links_off_the_fhir_base_are_refused_without_sending_the_token(
     responses.get(f"{BASE}/Observation", json=page(1, elsewhere))
     with pytest.raises(FhirUnsafeUrlError, match="not followed"):
         client.search("Observation")
-    assert [c.request.url.split("?")[0] for c in responses.calls] == [f"{BASE}/Observation"]
+    assert [str(c.request.url).split("?")[0] for c in responses.calls] == [f"{BASE}/Observation"]
 
 
 @responses.activate

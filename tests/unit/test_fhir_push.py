@@ -251,7 +251,7 @@ def test_transaction_is_all_or_nothing_and_keeps_references(app: Flask, vendor: 
         derivedFrom=[{"reference": "urn:uuid:7f1c3f8e-1111-4c1b-9a55-000000000001"}],
     )
     bad = obs(identifier=[{"value": "bad"}], status="bogus")
-    tx = {
+    tx: dict[str, Any] = {
         "resourceType": "Bundle",
         "type": "transaction",
         "entry": [_entry(qr, "urn:uuid:7f1c3f8e-1111-4c1b-9a55-000000000001"), _entry(score), _entry(bad)],

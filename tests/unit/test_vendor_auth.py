@@ -229,7 +229,7 @@ def test_v11_audience_must_be_exactly_our_token_url(vendor: Vendor, aud: Any) ->
 
 def test_v12_crit_header_is_refused(vendor: Vendor) -> None:
     from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import padding
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
     now = int(time.time())
     claims = {
@@ -240,7 +240,9 @@ def test_v12_crit_header_is_refused(vendor: Vendor) -> None:
         "jti": "c",
     }
     signing_input = f"{_b64({'alg': 'RS384', 'kid': vendor.key.kid, 'crit': ['x'], 'x': 1})}.{_b64(claims)}"
-    signature = vendor.key.private_key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA384())
+    private = vendor.key.private_key
+    assert isinstance(private, rsa.RSAPrivateKey)  # the default vendor key is RS384
+    signature = private.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA384())
     forged = signing_input + "." + base64.urlsafe_b64encode(signature).rstrip(b"=").decode()
     _invalid_client(vendor.token_request(forged), "crit")
 

@@ -406,7 +406,7 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
             try:
                 before = outbox_states(services.db, "kill")["delivered"]
                 _wait_for(
-                    lambda before=before: (  # type: ignore[misc]
+                    lambda before=before: (
                         outbox_states(services.db, "kill")["delivered"] > before
                         or not pending(services.db, "kill")
                     ),

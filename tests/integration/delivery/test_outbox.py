@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 
 from fhir_bridge.delivery import outbox
 from fhir_bridge.delivery.outbox import Result
+from fhir_bridge.storage import Database
 from fhir_bridge.storage.models import DeliveryAttempt, OutboxItem, Record, utcnow
 from tests.integration.delivery.conftest import ServicesFactory
 from tests.support.outbox_seed import add_tenant, seed
@@ -20,7 +21,7 @@ from tests.support.postgres import PostgresServer
 BASE = "https://ehr.example/fhir"
 
 
-def groups_of(db: outbox.Database, tenant: str) -> dict[str, set[int]]:
+def groups_of(db: Database, tenant: str) -> dict[str, set[int]]:
     with db.sessions() as session:
         rows = session.execute(
             select(OutboxItem.group_key, OutboxItem.id).where(OutboxItem.tenant_id == tenant)

@@ -15,7 +15,7 @@ from werkzeug.test import TestResponse
 
 from fhir_bridge.sandbox import SandboxConfig, create_sandbox_app
 from fhir_bridge.sandbox.runtime import Sandbox
-from tests.support.http import json_of
+from tests.support.http import json_object_of, json_of
 from tests.support.smart import AppKey, authorize_query, pkce_pair, redirect_params
 
 BASE = "http://127.0.0.1:9090"
@@ -85,7 +85,7 @@ class Driver:
         body = {"redirect_uris": [APP_REDIRECT], "launch_url": APP_LAUNCH, **fields}
         response = self.admin("PUT", f"/clients/{client_id}", body)
         assert response.status_code in (200, 201), response.json
-        return response.json  # type: ignore[no-any-return]
+        return json_object_of(response)
 
     def register_backend(self, key: AppKey, client_id: str = "backend", **fields: Any) -> None:
         body = {"auth_method": "private_key_jwt", "jwks": key.jwks, "scopes": ["system/*.cruds"], **fields}
@@ -111,7 +111,7 @@ class Driver:
         client_id: str = "app",
         patient: str = PATIENT,
         scope: str = "launch openid fhirUser patient/*.rs offline_access",
-        state: str = "state-123",
+        state: str | None = "state-123",  # None leaves it out of the request
         **overrides: str | None,
     ) -> tuple[TestResponse, str]:
         """An EHR launch's authorization request; returns the response and the PKCE verifier."""
@@ -155,7 +155,7 @@ class Driver:
         code, verifier = self.ehr_code(**kwargs)
         response = self.exchange(code, verifier, client_id=kwargs.get("client_id", "app"))
         assert response.status_code == 200, response.json
-        return response.json  # type: ignore[no-any-return]
+        return json_object_of(response)
 
     def backend_token(self, key: AppKey, scope: str = "system/*.cruds", client_id: str = "backend") -> str:
         response = self.token(key.client_credentials(client_id, TOKEN_URL, scope))

@@ -10,6 +10,7 @@ import json
 import re
 import time
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import responses
@@ -105,9 +106,10 @@ def test_unknown_client_is_refused_on_a_page(driver: Driver) -> None:
     ],
 )
 def test_bad_authorization_requests_go_back_to_the_app_with_an_error(
-    driver: Driver, overrides: dict[str, str | None], reason: str
+    driver: Driver, overrides: dict[str, Any], reason: str
 ) -> None:
     driver.register()
+    # Any: these are request parameters (None drops one), passed on as ehr_authorize's keywords.
     response, _ = driver.ehr_authorize(**overrides)
     assert response.status_code == 302
     params = redirect_params(response.headers["Location"])
@@ -289,7 +291,7 @@ def test_id_token_validates_against_the_published_jwks_and_names_the_practitione
     assert config["issuer"] == FHIR
     assert config["id_token_signing_alg_values_supported"] == ["RS256"]
     jwks_path = config["jwks_uri"].removeprefix(BASE)
-    keys = KeySet.import_key_set(driver.http.get(jwks_path).json)
+    keys = KeySet.import_key_set(json_of(driver.http.get(jwks_path)))
     id_token = jwt.decode(token["id_token"], keys, algorithms=["RS256"])
     claims = id_token.claims
     assert id_token.header["alg"] == "RS256"
@@ -449,7 +451,7 @@ def test_client_credentials_with_private_key_jwt(
     ],
 )
 def test_bad_client_assertions_are_refused(
-    driver: Driver, rs384_key: AppKey, change: dict[str, object], reason: str
+    driver: Driver, rs384_key: AppKey, change: dict[str, Any], reason: str
 ) -> None:
     driver.register_backend(rs384_key)
     claims = change.get("claims")
@@ -457,9 +459,9 @@ def test_bad_client_assertions_are_refused(
         "backend",
         TOKEN_URL,
         "system/*.rs",
-        alg=change.get("alg"),  # type: ignore[arg-type]
-        lifetime=change.get("lifetime", 240),  # type: ignore[arg-type]
-        header=change.get("header"),  # type: ignore[arg-type]
+        alg=change.get("alg"),
+        lifetime=change.get("lifetime", 240),
+        header=change.get("header"),
         claims={k: v for k, v in claims.items() if v is not None} if isinstance(claims, dict) else None,
     )
     if isinstance(claims, dict) and claims.get("jti", "x") is None:

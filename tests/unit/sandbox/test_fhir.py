@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from mappings.fhir_models import validate_resource
-from tests.support.http import json_of
+from tests.support.http import json_object_of, json_of
 from tests.support.smart import AppKey
 from tests.unit.sandbox.conftest import FHIR, OTHER_PATIENT, PATIENT, Driver
 
@@ -59,7 +59,7 @@ def system_token(driver: Driver, rs384_key: AppKey) -> str:
 def create(driver: Driver, token: str, resource: dict[str, Any], **headers: str) -> dict[str, Any]:
     response = driver.fhir("POST", resource["resourceType"], token, resource, headers=headers)
     assert response.status_code == 201, response.json
-    return response.json  # type: ignore[no-any-return]
+    return json_object_of(response)
 
 
 def ids(bundle: dict[str, Any]) -> list[str]:
@@ -69,7 +69,7 @@ def ids(bundle: dict[str, Any]) -> list[str]:
 def search(driver: Driver, token: str, query: str) -> dict[str, Any]:
     response = driver.fhir("GET", query, token)
     assert response.status_code == 200, response.json
-    return response.json  # type: ignore[no-any-return]
+    return json_object_of(response)
 
 
 # -- create, read, update ------------------------------------------------------------------------
@@ -580,7 +580,7 @@ def test_search_by_post(driver: Driver, system_token: str, seeded: dict[str, str
         headers={"Authorization": f"Bearer {system_token}"},
     )
     assert response.status_code == 200
-    assert ids(response.json) == [seeded["gad_may2"]]
+    assert ids(json_object_of(response)) == [seeded["gad_may2"]]
 
 
 # -- scopes and the patient compartment ------------------------------------------------------------

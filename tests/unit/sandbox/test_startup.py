@@ -47,10 +47,10 @@ def test_restart_keeps_data_and_bridge_url_registers_the_bridge(
     sandbox = sandbox_of(again)
     assert sandbox.admin_token == token
     with sandbox.db.read() as session:
-        assert len(sandbox.store.get(session, "Patient", "sbx-patient-1")["meta"]["tag"]) == 1
-        assert (
-            sandbox.store.get(session, "Patient", "sbx-patient-1")["meta"]["versionId"] == "1"
-        )  # not re-seeded
+        patient = sandbox.store.get(session, "Patient", "sbx-patient-1")
+        assert patient is not None
+        assert len(patient["meta"]["tag"]) == 1
+        assert patient["meta"]["versionId"] == "1"  # not re-seeded
     sandbox.db.dispose()
     assert oct((data / "admin_token").stat().st_mode & 0o777) == "0o600"
     assert oct((data / "id_token_key.json").stat().st_mode & 0o777) == "0o600"

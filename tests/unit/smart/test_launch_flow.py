@@ -557,7 +557,7 @@ def test_confidential_tenant_authenticates_with_a_fresh_short_lived_assertion(
     full_launch(browser, ehr)
     full_launch(browser, ehr)
     with smart.app_context():
-        keys = KeySet.import_key_set(services.current().keyring.jwks())
+        keys = KeySet.import_key_set({"keys": services.current().keyring.jwks()["keys"]})
     jtis = set()
     for form in ehr.token_requests:
         assert "client_id" not in form  # A26: confidential clients authenticate instead

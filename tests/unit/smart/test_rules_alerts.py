@@ -68,6 +68,7 @@ def test_acknowledging_a_rule_alert_closes_its_flag_and_task_in_the_outbox_and_a
         # conditional update by identifier (also the one already delivered to the EHR).
         for kind, alert, status in (("Flag", safety, "inactive"), ("Task", safety, "completed"),
                                     ("Task", silent, "completed")):  # fmt: skip
+            assert alert.ident_value is not None
             row = rows[(kind, alert.ident_value)]
             body = orjson.loads(row.body)
             assert (row.method, row.status, body["status"]) == ("upsert", "pending", status), kind

@@ -228,7 +228,9 @@ def _vendor(app: Flask, client_id: str) -> Any:
 
 def _received(app: Flask, record: Record) -> Any:
     with services.from_app(app).db.sessions() as session:
-        return session.get(Submission, record.submission_id).received_at  # type: ignore[union-attr]
+        submission = session.get(Submission, record.submission_id)
+        assert submission is not None
+        return submission.received_at
 
 
 def test_openapi_examples_are_real_requests(app: Flask, tmp_path: Path) -> None:

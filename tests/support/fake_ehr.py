@@ -52,6 +52,13 @@ class FakeEhr:
     refresh_count: int = 0
     expires_in: Any = 3600
     last_nonce: str | None = None
+    _rsps: responses.RequestsMock | None = field(default=None, init=False, repr=False)
+
+    @property
+    def rsps(self) -> responses.RequestsMock:
+        """The transport mock ``install`` registered on: replace a route on it, or read its ``calls``."""
+        assert self._rsps is not None, "install(rsps) first"
+        return self._rsps
 
     def default_discovery(self) -> dict[str, Any]:
         return {
@@ -153,6 +160,7 @@ class FakeEhr:
         return handler
 
     def install(self, rsps: responses.RequestsMock) -> None:
+        self._rsps = rsps
         rsps.add(
             responses.GET,
             f"{self.base}/.well-known/smart-configuration",

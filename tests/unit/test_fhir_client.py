@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 import requests
 import responses
+from urllib3.connection import HTTPConnection
+from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
 from auth.http import parse_retry_after
@@ -65,7 +67,9 @@ def client(sleeps: list[float]) -> FhirClient:
 
 def refused() -> requests.ConnectionError:
     """What requests raises when nothing listens on the port (the request was never sent)."""
-    return requests.ConnectionError(MaxRetryError(None, BASE, NewConnectionError(None, "refused")))  # type: ignore[arg-type]
+    # Constructing a pool or a connection opens nothing.
+    pool, conn = HTTPConnectionPool("ehr.example", 443), HTTPConnection("ehr.example", 443)
+    return requests.ConnectionError(MaxRetryError(pool, BASE, NewConnectionError(conn, "refused")))
 
 
 def auth_of(call: Any) -> str:

@@ -140,7 +140,10 @@ class Driver:
     def token(self, form: dict[str, str]) -> TestResponse:
         return self.http.post("/oauth/token", data=form)
 
-    def exchange(self, code: str, verifier: str, *, client_id: str = "app", **extra: str) -> TestResponse:
+    def exchange(
+        self, code: str, verifier: str | None, *, client_id: str | None = "app", **extra: str
+    ) -> TestResponse:
+        """The authorization code grant; a None verifier or client_id is left out of the form."""
         form = {
             "grant_type": "authorization_code",
             "code": code,

@@ -160,7 +160,7 @@ def test_wrong_code_verifier_is_refused(driver: Driver) -> None:
 def test_missing_code_verifier_is_refused(driver: Driver) -> None:
     driver.register()
     code, _ = driver.ehr_code()
-    response = driver.exchange(code, None)  # type: ignore[arg-type]
+    response = driver.exchange(code, None)
     assert response.status_code == 400
     assert json_of(response)["error"] == "invalid_request"
 
@@ -603,7 +603,7 @@ def test_confidential_app_authenticates_at_the_token_endpoint(driver: Driver, rs
     response = driver.exchange(
         code,
         verifier,
-        client_id=None,  # type: ignore[arg-type]
+        client_id=None,
         client_assertion_type=ASSERTION_TYPE,
         client_assertion=rs384_key.assertion("conf-app", TOKEN_URL),
     )

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import html
 import re
+from collections.abc import Callable
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from werkzeug.test import TestResponse
 
 from tests.support.http import json_of
 from tests.support.smart import AppKey, pkce_pair, redirect_params
@@ -48,7 +50,9 @@ def test_launch_button_opens_the_app_in_a_frame_with_iss_and_launch(driver: Driv
     assert response.status_code == 200
     page = response.get_data(as_text=True)
     assert "Alex Rivera" in page and "MRN-100001" in page
-    src = html.unescape(re.search(r'<iframe[^>]+src="([^"]+)"', page).group(1))  # type: ignore[union-attr]
+    iframe = re.search(r'<iframe[^>]+src="([^"]+)"', page)
+    assert iframe is not None, page
+    src = html.unescape(iframe.group(1))
     assert src.startswith(APP_LAUNCH + "?")
     query = {k: v[0] for k, v in parse_qs(urlsplit(src).query).items()}
     assert query["iss"] == FHIR
@@ -332,11 +336,11 @@ def test_forged_id_token_can_be_handed_to_the_app(driver: Driver) -> None:
     ],
 )
 def test_discovery_fault_bends_smart_configuration(
-    driver: Driver, fault: dict[str, object], check: object
+    driver: Driver, fault: dict[str, object], check: Callable[[TestResponse], bool]
 ) -> None:
     assert driver.admin("PUT", "/discovery/fault", fault).status_code == 200
     response = driver.http.get("/fhir/.well-known/smart-configuration")
-    assert check(response)  # type: ignore[operator]
+    assert check(response)
     assert driver.admin("DELETE", "/discovery/fault").status_code == 204
     assert json_of(driver.http.get("/fhir/.well-known/smart-configuration"))[
         "code_challenge_methods_supported"

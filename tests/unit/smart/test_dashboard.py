@@ -121,7 +121,7 @@ def test_empty_record_and_failed_searches_are_reported_per_panel(browser: FlaskC
     import responses
 
     launch_id = full_launch(browser, ehr)
-    ehr.rsps.replace(responses.GET, f"{BASE}/Flag", status=503, json={"resourceType": "OperationOutcome"})  # type: ignore[attr-defined]
+    ehr.rsps.replace(responses.GET, f"{BASE}/Flag", status=503, json={"resourceType": "OperationOutcome"})
     data = json_of(browser.get(f"/app/{launch_id}/api/summary", base_url=PUBLIC))
     assert data["series"] == {}
     assert data["engagement"]["last_data"] is None
@@ -169,7 +169,7 @@ def test_a_401_from_the_ehr_refreshes_once_then_asks_to_relaunch(browser: FlaskC
     import responses
 
     launch_id = full_launch(browser, ehr)
-    ehr.rsps.replace(responses.GET, f"{BASE}/Observation", status=401, json={})  # type: ignore[attr-defined]
+    ehr.rsps.replace(responses.GET, f"{BASE}/Observation", status=401, json={})
     response = browser.get(f"/app/{launch_id}/api/summary", base_url=PUBLIC)  # F9
     assert response.status_code == 401
     assert len([f for f in ehr.token_requests if f["grant_type"] == ["refresh_token"]]) == 1

@@ -323,7 +323,7 @@ def test_pkce_s256_is_sent_whatever_discovery_says(browser: FlaskClient, ehr: Fa
         del ehr.discovery["code_challenge_methods_supported"]
     else:
         ehr.discovery["code_challenge_methods_supported"] = methods
-    ehr.rsps.replace(responses.GET, f"{BASE}/.well-known/smart-configuration", json=ehr.discovery)  # type: ignore[attr-defined]
+    ehr.rsps.replace(responses.GET, f"{BASE}/.well-known/smart-configuration", json=ehr.discovery)
     params = start(browser, ehr)
     assert params["code_challenge_method"] == "S256"
 
@@ -344,7 +344,7 @@ def test_discovery_that_disagrees_with_the_pins_is_refused(
         assert tenant is not None
         tenant.token_url, tenant.authorize_url = TOKEN, "https://ehr.example.com/oauth/authorize"
     discovery = ehr.default_discovery() | {field: value}
-    ehr.rsps.replace(responses.GET, f"{BASE}/.well-known/smart-configuration", json=discovery)  # type: ignore[attr-defined]
+    ehr.rsps.replace(responses.GET, f"{BASE}/.well-known/smart-configuration", json=discovery)
     response = launch(browser)
     assert response.status_code == 502
     assert "Location" not in response.headers
@@ -357,7 +357,7 @@ def test_relative_discovery_endpoints_resolve_against_the_fhir_base(
         "authorization_endpoint": "../oauth/authorize",
         "token_endpoint": "/oauth/token",
     }
-    ehr.rsps.replace(responses.GET, f"{BASE}/.well-known/smart-configuration", json=discovery)  # type: ignore[attr-defined]
+    ehr.rsps.replace(responses.GET, f"{BASE}/.well-known/smart-configuration", json=discovery)
     response = launch(browser)  # D4
     assert response.headers["Location"].startswith("https://ehr.example.com/oauth/authorize?")
     assert finish(browser, ehr.authorize(response.headers["Location"])).status_code == 303

@@ -10,12 +10,16 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.support.procs import missing
 from tests.support.sandbox import SandboxServer
 from tests.support.tiny_smart_app import TinySmartApp
+
+if TYPE_CHECKING:  # imported when the fixture runs, so collection does not need playwright
+    from playwright.sync_api import Browser
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -33,7 +37,7 @@ pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
+def browser() -> Iterator[Browser]:
     if not CHROMIUM.exists():
         missing("Chromium", "apt-get install -y chromium")
     from playwright.sync_api import sync_playwright
@@ -62,9 +66,9 @@ def tiny_app(sandbox_server: SandboxServer) -> Iterator[TinySmartApp]:
 
 
 def test_launch_from_the_chart_runs_the_app_framed_for_that_patient(
-    browser: object, sandbox_server: SandboxServer, tiny_app: TinySmartApp
+    browser: Browser, sandbox_server: SandboxServer, tiny_app: TinySmartApp
 ) -> None:
-    page = browser.new_page()  # type: ignore[attr-defined]
+    page = browser.new_page()
     page.goto(sandbox_server.url + "/")
     assert page.get_by_role("note").inner_text().startswith("SANDBOX EHR")
     page.get_by_role("button", name=f"Launch Tiny app {tiny_app.client_id} for Jordan Blake").click()
@@ -78,9 +82,9 @@ def test_launch_from_the_chart_runs_the_app_framed_for_that_patient(
 
 
 def test_standalone_launch_signs_in_and_picks_a_patient(
-    browser: object, sandbox_server: SandboxServer, tiny_app: TinySmartApp
+    browser: Browser, sandbox_server: SandboxServer, tiny_app: TinySmartApp
 ) -> None:
-    page = browser.new_page()  # type: ignore[attr-defined]
+    page = browser.new_page()
     page.goto(sandbox_server.url + "/")
     with page.expect_popup() as popup_info:
         page.get_by_role("link", name=f"Standalone launch: Tiny app {tiny_app.client_id}").click()

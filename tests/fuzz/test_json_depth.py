@@ -23,7 +23,7 @@ documents = st.recursive(
 @settings(max_examples=400, deadline=None)
 @given(documents, st.integers(1, 12), st.booleans())
 def test_text_depth_agrees_with_the_walk(document: Any, limit: int, pretty: bool) -> None:
-    raw = json.dumps(document, indent=1 if pretty else None).encode() if pretty else orjson.dumps(document)
+    raw = json.dumps(document, indent=1).encode() if pretty else orjson.dumps(document)
     quick = _text_depth_ok(raw, limit)
     if b"\\" not in raw:
         assert quick is not None

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from marshmallow import ValidationError
 
 from mappings import MappingContext, load_catalog
+from mappings.compiler import ObservationMapper, QuestionnaireMapper
 from mappings.fhir_models import validate_resource
 from mappings.identity import device_full_url
 from mappings.records import RECORD_CONTEXT
@@ -325,12 +326,13 @@ def test_full_urls_are_standard_uuid5(system: str, value: str) -> None:
 def _load_both(measure: str, record: Any) -> tuple[Any, Any]:
     """(the fast loader's result, ``schema.load``'s result or "rejected"), under the record context."""
     mapper = CATALOG._mappers[measure]
-    fast = mapper._fast_load  # type: ignore[attr-defined]
+    assert isinstance(mapper, ObservationMapper | QuestionnaireMapper), type(mapper)
+    fast = mapper._fast_load
     assert fast is not None, f"{measure}: the compiled schema has no fast loader"
     with RECORD_CONTEXT({"latest": RECEIVED + CATALOG.future_tolerance}):
         quick = fast(record)
         try:
-            slow = mapper.schema.load(record)  # type: ignore[attr-defined]
+            slow = mapper.schema.load(record)
         except ValidationError:
             slow = "rejected"
     return quick, slow

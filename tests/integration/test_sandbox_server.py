@@ -40,12 +40,17 @@ def chart_launch(server: SandboxServer, client_id: str, patient: str = PATIENT) 
     browser = requests.Session()
     page = browser.get(server.url + "/", timeout=10).text
     assert "SANDBOX EHR" in page
-    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert csrf is not None, "the chart page has a CSRF token"
     framed = browser.post(
-        f"{server.url}/chart/{patient}/launch", data={"client_id": client_id, "csrf_token": csrf}, timeout=10
+        f"{server.url}/chart/{patient}/launch",
+        data={"client_id": client_id, "csrf_token": csrf.group(1)},
+        timeout=10,
     )
     assert framed.status_code == 200, framed.text
-    src = html.unescape(re.search(r'<iframe[^>]+src="([^"]+)"', framed.text).group(1))  # type: ignore[union-attr]
+    iframe = re.search(r'<iframe[^>]+src="([^"]+)"', framed.text)
+    assert iframe is not None, framed.text
+    src = html.unescape(iframe.group(1))
     assert src.startswith(LAUNCH + "?")
     return {k: v[0] for k, v in parse_qs(urlsplit(src).query).items()}
 
@@ -53,7 +58,8 @@ def chart_launch(server: SandboxServer, client_id: str, patient: str = PATIENT) 
 def discover(iss: str) -> dict[str, Any]:
     response = requests.get(f"{iss}/.well-known/smart-configuration", timeout=10)
     assert response.status_code == 200
-    return response.json()  # type: ignore[no-any-return]
+    config: dict[str, Any] = response.json()
+    return config
 
 
 def authorize(config: dict[str, Any], **params: str | None) -> requests.Response:

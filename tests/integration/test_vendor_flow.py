@@ -93,7 +93,7 @@ def test_done_when_mixed_batch(app: Flask, tmp_path: Path) -> None:
     assert first.status_code == 200 and first.json["results"][0]["status"] == "accepted"
     earlier_id = first.json["results"][0]["id"]
 
-    batch = {
+    batch: dict[str, Any] = {
         "records": [
             {
                 "record_id": "r-1",
@@ -228,7 +228,9 @@ def _vendor(app: Flask, client_id: str) -> Any:
 
 def _received(app: Flask, record: Record) -> Any:
     with services.from_app(app).db.sessions() as session:
-        return session.get(Submission, record.submission_id).received_at  # type: ignore[union-attr]
+        submission = session.get(Submission, record.submission_id)
+        assert submission is not None
+        return submission.received_at
 
 
 def test_openapi_examples_are_real_requests(app: Flask, tmp_path: Path) -> None:

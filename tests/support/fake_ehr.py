@@ -52,6 +52,13 @@ class FakeEhr:
     refresh_count: int = 0
     expires_in: Any = 3600
     last_nonce: str | None = None
+    _rsps: responses.RequestsMock | None = field(default=None, init=False, repr=False)
+
+    @property
+    def rsps(self) -> responses.RequestsMock:
+        """The transport mock ``install`` registered on: replace a route on it, or read its ``calls``."""
+        assert self._rsps is not None, "install(rsps) first"
+        return self._rsps
 
     def default_discovery(self) -> dict[str, Any]:
         return {
@@ -80,7 +87,7 @@ class FakeEhr:
         if nonce is not None:
             claims["nonce"] = nonce
         claims.update(self.id_token_claims)
-        header = {"alg": "RS256", "kid": self.key.kid}
+        header: dict[str, Any] = {"alg": "RS256", "kid": self.key.kid}
         header.update(self.id_token_header)
         return jwt.encode(header, claims, self.key, algorithms=[header["alg"]])
 
@@ -90,8 +97,8 @@ class FakeEhr:
         form = parse_qs(request.body if isinstance(request.body, str) else request.body.decode())
         self.token_requests.append(form)
         if self.token_status != 200:
-            body = self.token_body or {"error": "invalid_grant", "error_description": "<b>nope</b>"}
-            return self.token_status, {"Content-Type": "application/json"}, orjson.dumps(body)
+            error = self.token_body or {"error": "invalid_grant", "error_description": "<b>nope</b>"}
+            return self.token_status, {"Content-Type": "application/json"}, orjson.dumps(error)
         if self.token_body is not None:
             return 200, {"Content-Type": "application/json"}, orjson.dumps(self.token_body)
         grant = form.get("grant_type", [""])[0]
@@ -153,6 +160,7 @@ class FakeEhr:
         return handler
 
     def install(self, rsps: responses.RequestsMock) -> None:
+        self._rsps = rsps
         rsps.add(
             responses.GET,
             f"{self.base}/.well-known/smart-configuration",

@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -176,11 +177,11 @@ class FaultProxy:
             setattr(self, what, getattr(self, what) + 1)
 
     def _forward(
-        self, method: str, path: str, headers: object, body: bytes
+        self, method: str, path: str, headers: Message, body: bytes
     ) -> tuple[int, list[tuple[str, str]], bytes]:
         conn = http.client.HTTPConnection(self.upstream_host, self.upstream_port, timeout=60)
         try:
-            send = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}  # type: ignore[attr-defined]
+            send = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
             send["Host"] = f"{self.upstream_host}:{self.upstream_port}"
             conn.request(method, path, body=body or None, headers=send)
             response = conn.getresponse()

@@ -97,11 +97,12 @@ class AppKey:
 
         signing_input = b64(json.dumps(header).encode()) + b"." + b64(json.dumps(claims).encode())
         private = self.key.private_key
+        assert private is not None, "AppKey always holds the private half"
         if isinstance(private, ec.EllipticCurvePrivateKey):
             r, s = utils.decode_dss_signature(private.sign(signing_input, ec.ECDSA(hashes.SHA384())))
             signature = r.to_bytes(48, "big") + s.to_bytes(48, "big")
         else:
-            signature = private.sign(signing_input, padding.PKCS1v15(), hashes.SHA384())  # type: ignore[union-attr,call-arg]
+            signature = private.sign(signing_input, padding.PKCS1v15(), hashes.SHA384())
         return (signing_input + b"." + b64(signature)).decode()
 
     def claims(self, client_id: str, token_url: str, lifetime: int = 240) -> dict[str, Any]:
@@ -115,10 +116,25 @@ class AppKey:
             "jti": uuid.uuid4().hex,
         }
 
-    def client_credentials(self, client_id: str, token_url: str, scope: str, **kwargs: Any) -> dict[str, str]:
+    def client_credentials(
+        self,
+        client_id: str,
+        token_url: str,
+        scope: str,
+        *,
+        alg: str | None = None,
+        lifetime: int = 240,
+        jti: str | None = None,
+        header: dict[str, Any] | None = None,
+        claims: dict[str, Any] | None = None,
+    ) -> dict[str, str]:
+        """A client_credentials token request form, with an assertion made by ``assertion``."""
+        assertion = self.assertion(
+            client_id, token_url, alg=alg, lifetime=lifetime, jti=jti, header=header, claims=claims
+        )
         return {
             "grant_type": "client_credentials",
             "scope": scope,
             "client_assertion_type": ASSERTION_TYPE,
-            "client_assertion": self.assertion(client_id, token_url, **kwargs),
+            "client_assertion": assertion,
         }

@@ -41,7 +41,9 @@ def keyring(keys_dir: Path) -> Keyring:
 
 def decode(assertion: str, keyring: Keyring) -> tuple[dict[str, Any], dict[str, Any]]:
     """Verify like an EHR: our published JWKS, only RS384/ES384 accepted."""
-    token = jwt.decode(assertion, KeySet.import_key_set(keyring.jwks()), algorithms=["RS384", "ES384"])
+    token = jwt.decode(
+        assertion, KeySet.import_key_set({"keys": keyring.jwks()["keys"]}), algorithms=["RS384", "ES384"]
+    )
     return dict(token.header), dict(token.claims)
 
 
@@ -270,7 +272,7 @@ def test_discovery_fails_closed(answer: dict[str, Any], problem: str) -> None:
     responses.get(f"{BASE}/.well-known/smart-configuration", **answer)
     with pytest.raises(TokenError, match=problem):
         SmartConfigurationCache().token_endpoint(BASE)
-    assert all("evil" not in c.request.url for c in responses.calls)
+    assert all("evil" not in str(c.request.url) for c in responses.calls)
 
 
 @pytest.mark.parametrize(

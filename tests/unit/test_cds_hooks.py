@@ -18,6 +18,7 @@ from joserfc.jwk import ECKey, RSAKey
 
 from fhir_bridge import services
 from fhir_bridge.storage.models import Alert, Tenant
+from tests.support.http import json_of
 from tests.support.vendor import public_jwks, vendor_key
 
 EHR_ISS = "https://ehr.example.org/cds-client"
@@ -168,7 +169,7 @@ def test_discovery_lists_the_patient_view_service(cds_app: Flask) -> None:
     response = cds_app.test_client().get("/cds-services")
     assert response.status_code == 200
     jsonschema.validate(response.json, DISCOVERY_SCHEMA)
-    assert [(s["hook"], s["id"]) for s in response.json["services"]] == [
+    assert [(s["hook"], s["id"]) for s in json_of(response)["services"]] == [
         ("patient-view", "fhir-bridge-alerts")
     ]
 

@@ -44,7 +44,8 @@ def test_conditional_creates_keep_the_stored_bytes() -> None:
     entry = orjson.loads(obs.bundle_entry_json())
     assert entry["resource"] == orjson.loads(group.items[1].body), "sent as stored, references intact"
     assert entry["fullUrl"] == full_url(SYSTEM, "obs1")
-    assert plan.device_entries[0].if_none_exist.startswith("identifier=")  # type: ignore[union-attr]
+    if_none_exist = plan.device_entries[0].if_none_exist
+    assert if_none_exist is not None and if_none_exist.startswith("identifier=")
 
 
 def test_types_without_conditional_create_are_put_to_their_identifier_and_references_follow() -> None:

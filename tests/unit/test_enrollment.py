@@ -155,7 +155,8 @@ def test_p17_app_user_ids_are_plain_ascii(app: Flask, acme: Vendor, user: str) -
     assert response.status_code == 422
     assert response.json["error"] in ("invalid-app-user-id", "invalid-request")
     with services.from_app(app).db.sessions() as session:
-        assert session.get(Enrollment, created.enrollment_id).status == "pending"  # type: ignore[union-attr]
+        enrollment = session.get(Enrollment, created.enrollment_id)
+        assert enrollment is not None and enrollment.status == "pending"
 
 
 def test_m6_an_app_user_cannot_hold_two_live_enrollments(app: Flask, acme: Vendor) -> None:

@@ -13,8 +13,11 @@ from typing import Any
 import pytest
 import requests
 import responses
+from urllib3.connection import HTTPConnection
+from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
+from auth.http import parse_retry_after
 from fhir_bridge.fhir_client import (
     FhirAuthError,
     FhirBadResponse,
@@ -23,7 +26,6 @@ from fhir_bridge.fhir_client import (
     FhirTemporaryError,
     FhirUnsafeUrlError,
     parse_location,
-    parse_retry_after,
 )
 
 BASE = "https://ehr.example/fhir/r4"
@@ -65,7 +67,9 @@ def client(sleeps: list[float]) -> FhirClient:
 
 def refused() -> requests.ConnectionError:
     """What requests raises when nothing listens on the port (the request was never sent)."""
-    return requests.ConnectionError(MaxRetryError(None, BASE, NewConnectionError(None, "refused")))  # type: ignore[arg-type]
+    # Constructing a pool or a connection opens nothing.
+    pool, conn = HTTPConnectionPool("ehr.example", 443), HTTPConnection("ehr.example", 443)
+    return requests.ConnectionError(MaxRetryError(pool, BASE, NewConnectionError(conn, "refused")))
 
 
 def auth_of(call: Any) -> str:
@@ -289,7 +293,7 @@ def test_next_links_off_the_fhir_base_are_refused_without_sending_the_token(
     responses.get(f"{BASE}/Observation", json=page(1, elsewhere))
     with pytest.raises(FhirUnsafeUrlError, match="not followed"):
         client.search("Observation")
-    assert [c.request.url.split("?")[0] for c in responses.calls] == [f"{BASE}/Observation"]
+    assert [str(c.request.url).split("?")[0] for c in responses.calls] == [f"{BASE}/Observation"]
 
 
 @responses.activate

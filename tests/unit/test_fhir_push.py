@@ -14,6 +14,7 @@ from sqlalchemy import select
 from fhir_bridge import enrollment, services
 from fhir_bridge.storage.models import OutboxItem
 from tests.conftest import AppFactory
+from tests.support.http import json_of
 from tests.support.openapi import assert_matches_spec
 from tests.support.vendor import Vendor, add_tenant, register
 from tests.unit.test_push_payloads import stored
@@ -198,7 +199,7 @@ def test_scope_is_per_resource_type(app: Flask, vendor: Vendor) -> None:
         headers={"Authorization": f"Bearer {narrow}", "Content-Type": "application/fhir+json"},
     )
     assert response.status_code == 403
-    assert response.json["resourceType"] == "OperationOutcome"
+    assert json_of(response)["resourceType"] == "OperationOutcome"
 
 
 def _entry(resource: dict[str, Any], full_url: str | None = None, method: str = "POST") -> dict[str, Any]:
@@ -250,7 +251,7 @@ def test_transaction_is_all_or_nothing_and_keeps_references(app: Flask, vendor: 
         derivedFrom=[{"reference": "urn:uuid:7f1c3f8e-1111-4c1b-9a55-000000000001"}],
     )
     bad = obs(identifier=[{"value": "bad"}], status="bogus")
-    tx = {
+    tx: dict[str, Any] = {
         "resourceType": "Bundle",
         "type": "transaction",
         "entry": [_entry(qr, "urn:uuid:7f1c3f8e-1111-4c1b-9a55-000000000001"), _entry(score), _entry(bad)],

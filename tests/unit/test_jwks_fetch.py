@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypedDict, Unpack
+
 import pytest
 import responses
 
@@ -19,10 +21,18 @@ class Clock:
         return self.now
 
 
-def fetcher(clock: Clock, **kwargs: object) -> JwksFetcher:
+class Limits(TypedDict, total=False):
+    """The JwksFetcher limits a test sets."""
+
+    max_ttl: float
+    refresh_interval: float
+    max_entries: int
+
+
+def fetcher(clock: Clock, **limits: Unpack[Limits]) -> JwksFetcher:
     return JwksFetcher(
-        ["keys.vendor.example"], resolver=lambda h, p: ["93.184.216.34"], clock=clock, **kwargs
-    )  # type: ignore[arg-type]
+        ["keys.vendor.example"], resolver=lambda h, p: ["93.184.216.34"], clock=clock, **limits
+    )
 
 
 @responses.activate

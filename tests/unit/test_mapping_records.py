@@ -34,7 +34,11 @@ def reasons(measure: str, data: Any, **kwargs: Any) -> list[tuple[str, str]]:
 
 
 MOOD = {"time": "2024-06-01T08:00:00+02:00", "rating": 6}
-SLEEP = {"start": "2024-05-31T23:00:00+02:00", "end": "2024-06-01T07:00:00+02:00", "duration": 420}
+SLEEP: dict[str, Any] = {
+    "start": "2024-05-31T23:00:00+02:00",
+    "end": "2024-06-01T07:00:00+02:00",
+    "duration": 420,
+}
 
 
 @pytest.mark.parametrize(

@@ -29,9 +29,9 @@ def _write(folder: Path, name: str, text: str) -> Path:
     return path
 
 
-def _problems(folder: Path, **kwargs: object) -> list[tuple[str, int, str]]:
+def _problems(folder: Path, *, item_text_file: Path | None = None) -> list[tuple[str, int, str]]:
     with pytest.raises(MappingSpecError) as info:
-        load_catalog(folder, **kwargs)  # type: ignore[arg-type]
+        load_catalog(folder, item_text_file=item_text_file)
     return [(Path(p.file).name, p.line, p.message) for p in info.value.problems]
 
 

@@ -13,6 +13,7 @@ from flask.testing import FlaskClient
 from fhir_bridge import create_app
 from fhir_bridge.errors import Unprocessable
 from tests.conftest import AppFactory
+from tests.support.http import json_of
 
 
 def test_healthz(client: FlaskClient) -> None:
@@ -24,7 +25,7 @@ def test_healthz(client: FlaskClient) -> None:
 def test_readyz_when_migrated(client: FlaskClient) -> None:
     response = client.get("/readyz")
     assert response.status_code == 200
-    assert response.json["checks"] == {"database": "ok", "migrations": "ok"}
+    assert json_of(response)["checks"] == {"database": "ok", "migrations": "ok"}
 
 
 def test_readyz_before_migrations(tmp_path: Path, keys_dir: Path) -> None:
@@ -37,8 +38,8 @@ def test_readyz_before_migrations(tmp_path: Path, keys_dir: Path) -> None:
     )
     response = app.test_client().get("/readyz")
     assert response.status_code == 503
-    assert response.json["status"] == "not-ready"
-    assert "expected" in response.json["checks"]["migrations"]
+    assert json_of(response)["status"] == "not-ready"
+    assert "expected" in json_of(response)["checks"]["migrations"]
 
 
 def test_metrics_expose_requests_and_outbox(client: FlaskClient) -> None:
@@ -52,7 +53,7 @@ def test_jwks_is_public_and_cacheable(client: FlaskClient) -> None:
     response = client.get("/.well-known/jwks.json")
     assert response.status_code == 200
     assert response.headers["Cache-Control"].startswith("public")
-    assert all("d" not in key for key in response.json["keys"])
+    assert all("d" not in key for key in json_of(response)["keys"])
 
 
 def _routes_that_fail(app: Flask) -> None:
@@ -85,7 +86,7 @@ def test_errors_take_the_shape_of_their_surface(make_app: AppFactory) -> None:
     fhir = client.get("/fhir/_test/boom")
     assert fhir.status_code == 500
     assert fhir.mimetype == "application/fhir+json"
-    assert fhir.json["resourceType"] == "OperationOutcome"
+    assert json_of(fhir)["resourceType"] == "OperationOutcome"
     assert "Jane Roe" not in fhir.get_data(as_text=True)
 
     html = client.get("/app/_test/boom")
@@ -96,7 +97,7 @@ def test_errors_take_the_shape_of_their_surface(make_app: AppFactory) -> None:
 
     assert client.get("/app/_test/forbidden").status_code == 403
     missing = client.get("/fhir/NoSuchThing/1")
-    assert missing.status_code == 404 and missing.json["issue"][0]["code"] == "not-found"
+    assert missing.status_code == 404 and json_of(missing)["issue"][0]["code"] == "not-found"
     assert client.post("/healthz").status_code == 405
 
 
@@ -111,7 +112,7 @@ def test_body_over_the_limit_is_413(make_app: AppFactory) -> None:
 
     response = app.test_client().post("/api/v1/_test/echo", data=b"x" * 5000, content_type="application/json")
     assert response.status_code == 413
-    assert response.json["error"] == "payload-too-large"
+    assert json_of(response)["error"] == "payload-too-large"
 
 
 def test_logs_are_json_with_a_request_id_and_no_phi(

@@ -9,6 +9,7 @@ from flask import Flask
 
 from fhir_bridge import services
 from tests.conftest import AppFactory
+from tests.support.http import json_of
 from tests.support.openapi import assert_matches_spec
 from tests.support.vendor import Vendor, add_tenant, register
 from tests.unit.test_push_payloads import stored
@@ -72,7 +73,7 @@ def test_bad_idempotency_keys_are_refused(app: Flask, vendor: Vendor, key: str) 
         headers={"Authorization": f"Bearer {vendor.token}", "Idempotency-Key": key},
     )
     assert response.status_code == 400
-    assert response.json["error"] == "invalid-idempotency-key"
+    assert json_of(response)["error"] == "invalid-idempotency-key"
     assert stored(app) == (0, 0, 0)
 
 

@@ -31,7 +31,7 @@ def vendor(app: Flask) -> Vendor:
 def stored(app: Flask) -> tuple[int, int, int]:
     """Submissions, records and their outbox items (not the Consent a claim queues)."""
     with services.from_app(app).db.sessions() as session:
-        return tuple(  # type: ignore[return-value]
+        submissions, records, items = (
             int(session.execute(select(func.count()).select_from(m).where(*where)).scalar_one())
             for m, where in (
                 (Submission, ()),
@@ -39,6 +39,7 @@ def stored(app: Flask) -> tuple[int, int, int]:
                 (OutboxItem, (OutboxItem.record_id.is_not(None),)),
             )
         )
+        return submissions, records, items
 
 
 def raw_push(vendor: Vendor, body: bytes, content_type: str = "application/json", **headers: str) -> Any:

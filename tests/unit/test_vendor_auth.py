@@ -15,6 +15,7 @@ from joserfc import jwt
 from fhir_bridge import services
 from fhir_bridge.storage.models import UsedAssertion
 from tests.conftest import AppFactory
+from tests.support.http import json_of
 from tests.support.openapi import assert_matches_spec
 from tests.support.vendor import Vendor, public_jwks, register, vendor_key
 
@@ -228,7 +229,7 @@ def test_v11_audience_must_be_exactly_our_token_url(vendor: Vendor, aud: Any) ->
 
 def test_v12_crit_header_is_refused(vendor: Vendor) -> None:
     from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import padding
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
     now = int(time.time())
     claims = {
@@ -239,7 +240,9 @@ def test_v12_crit_header_is_refused(vendor: Vendor) -> None:
         "jti": "c",
     }
     signing_input = f"{_b64({'alg': 'RS384', 'kid': vendor.key.kid, 'crit': ['x'], 'x': 1})}.{_b64(claims)}"
-    signature = vendor.key.private_key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA384())
+    private = vendor.key.private_key
+    assert isinstance(private, rsa.RSAPrivateKey)  # the default vendor key is RS384
+    signature = private.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA384())
     forged = signing_input + "." + base64.urlsafe_b64encode(signature).rstrip(b"=").decode()
     _invalid_client(vendor.token_request(forged), "crit")
 
@@ -254,8 +257,8 @@ def test_v13_huge_assertion_and_body_are_refused_before_crypto(vendor: Vendor) -
         "/oauth/token", data={"grant_type": "client_credentials", "x": "y" * 1_000_000}
     )
     assert response.status_code == 413
-    assert response.json["error"] == "payload-too-large"
-    assert "16384" in response.json["message"]
+    assert json_of(response)["error"] == "payload-too-large"
+    assert "16384" in json_of(response)["message"]
 
 
 def test_v14_wrong_assertion_type_and_grant_types(vendor: Vendor) -> None:
@@ -357,7 +360,7 @@ def test_v19_expired_forged_and_missing_tokens(app: Flask, vendor: Vendor) -> No
     with time_machine.travel(time.time() + 301, tick=False):
         response = vendor.client.get("/api/v1/enrollments", headers={"Authorization": f"Bearer {token}"})
         assert response.status_code == 401
-        assert "expired" in response.json["message"]
+        assert "expired" in json_of(response)["message"]
     forged = jwt.encode(
         {"alg": "RS384", "kid": vendor.key.kid, "typ": "at+jwt"},
         {"client_id": vendor.client_id},
@@ -367,7 +370,7 @@ def test_v19_expired_forged_and_missing_tokens(app: Flask, vendor: Vendor) -> No
     for value in (f"Bearer {forged}", "Bearer not-a-token", "Basic abc", ""):
         response = vendor.client.get("/api/v1/enrollments", headers={"Authorization": value})
         assert response.status_code == 401, value
-        assert response.json["error"] in ("invalid_token",)
+        assert json_of(response)["error"] in ("invalid_token",)
 
 
 def test_v19_token_without_the_scope_is_forbidden(app: Flask) -> None:
@@ -376,7 +379,7 @@ def test_v19_token_without_the_scope_is_forbidden(app: Flask) -> None:
     token = response.json["access_token"]
     response = vendor.client.get("/api/v1/enrollments", headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 403
-    assert response.json["error"] == "insufficient_scope"
+    assert json_of(response)["error"] == "insufficient_scope"
 
 
 def test_v20_token_flood_gets_429_with_retry_after(app: Flask, vendor: Vendor) -> None:

@@ -64,9 +64,9 @@ def bundles(proxy: FaultProxy) -> list[dict[str, Any]]:
     return out
 
 
-def record_ids_in(bundle: dict[str, Any]) -> set[str]:
+def record_ids_in(bundle: dict[str, Any]) -> set[float]:
     """Steps values identify our records here (1000 + day for history, 50000 + n for live)."""
-    values = set()
+    values: set[float] = set()
     for entry in bundle.get("entry") or []:
         resource = entry.get("resource") or {}
         if resource.get("resourceType") == "Observation":

@@ -367,7 +367,8 @@ def test_token_expiry_and_a_key_rotation_mid_run_break_nothing(
         assert runtime is not None and isinstance(runtime.client.auth, BackendTokenSource)
         assert runtime.client.auth.fetches >= 3, "new tokens were fetched as the old ones neared expiry"
         assert front.statuses[401] == 0, "no request went out with an expired token"
-        kids = [r.kid for r in caplog.records if r.getMessage() == "access token obtained"]  # type: ignore[attr-defined]
+        # "kid" comes in through the log call's extra=, so LogRecord's type does not know it.
+        kids = [r.__dict__["kid"] for r in caplog.records if r.getMessage() == "access token obtained"]
         assert kids[0] == old_kid and kids[-1] == new_kid, "the running worker switched keys by itself"
         assert in_ehr(reader_for(server, keys_dir), patient) == expected
         assert outbox_states(services.db, "short") == Counter({"delivered": sum(expected.values())})
@@ -458,7 +459,7 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
             try:
                 before = outbox_states(services.db, "kill")["delivered"]
                 _wait_for(
-                    lambda before=before: (  # type: ignore[misc]
+                    lambda before=before: (
                         outbox_states(services.db, "kill")["delivered"] > before
                         or not pending(services.db, "kill")
                     ),

@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 
 from fhir_bridge.delivery import outbox
 from fhir_bridge.delivery.outbox import Result
+from fhir_bridge.storage import Database
 from fhir_bridge.storage.models import DeliveryAttempt, OutboxItem, Record, utcnow
 from tests.integration.delivery.conftest import ServicesFactory
 from tests.support.outbox_seed import add_tenant, seed
@@ -20,7 +21,7 @@ from tests.support.postgres import PostgresServer
 BASE = "https://ehr.example/fhir"
 
 
-def groups_of(db: outbox.Database, tenant: str) -> dict[str, set[int]]:
+def groups_of(db: Database, tenant: str) -> dict[str, set[int]]:
     with db.sessions() as session:
         rows = session.execute(
             select(OutboxItem.group_key, OutboxItem.id).where(OutboxItem.tenant_id == tenant)
@@ -43,7 +44,9 @@ def test_claims_take_whole_groups_live_first(make_services: ServicesFactory, dat
     assert {i.record_id for i in first.items} <= set(live.records), "live data before backfill"
     claimed_groups = {i.group_key for i in first.items}
     assert {i.id for i in first.items} == set().union(*(groups[k] for k in claimed_groups)), "whole groups"
-    assert first.vendors[first.items[0].record_id].client_id == "acme-mood"  # type: ignore[index]
+    record_id = first.items[0].record_id
+    assert record_id is not None, "seeded items carry records"
+    assert first.vendors[record_id].client_id == "acme-mood"
 
     rest: list[outbox.Item] = []
     while batch := outbox.claim(db, worker="w2", limit=3, lease_seconds=60, tenants=["t1"]).items:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -30,11 +31,13 @@ def day(n: float) -> datetime:
     return T0 + timedelta(days=n)
 
 
-def rows_of(points: list[tuple[str, float, float]]) -> list[tuple[str, datetime, float, int]]:
+def rows_of(points: Sequence[tuple[str, float, float]]) -> list[tuple[str, datetime, float, int]]:
     return [(code, day(d), value, -300) for code, d, value in points]
 
 
-def check(expr: str, points: list[tuple[str, float, float]], at: float, tmp_path: Path) -> tuple[bool, str]:
+def check(
+    expr: str, points: Sequence[tuple[str, float, float]], at: float, tmp_path: Path
+) -> tuple[bool, str]:
     path = tmp_path / "r.yaml"
     path.write_text(
         "apiVersion: fhir-bridge/rules/v1\nrules:\n"

@@ -15,6 +15,7 @@ from werkzeug.test import TestResponse
 
 from fhir_bridge.sandbox import SandboxConfig, create_sandbox_app
 from fhir_bridge.sandbox.runtime import Sandbox
+from tests.support.http import json_object_of, json_of
 from tests.support.smart import AppKey, authorize_query, pkce_pair, redirect_params
 
 BASE = "http://127.0.0.1:9090"
@@ -84,7 +85,7 @@ class Driver:
         body = {"redirect_uris": [APP_REDIRECT], "launch_url": APP_LAUNCH, **fields}
         response = self.admin("PUT", f"/clients/{client_id}", body)
         assert response.status_code in (200, 201), response.json
-        return response.json  # type: ignore[no-any-return]
+        return json_object_of(response)
 
     def register_backend(self, key: AppKey, client_id: str = "backend", **fields: Any) -> None:
         body = {"auth_method": "private_key_jwt", "jwks": key.jwks, "scopes": ["system/*.cruds"], **fields}
@@ -98,7 +99,7 @@ class Driver:
     def launch(self, client_id: str = "app", patient: str = PATIENT) -> str:
         response = self.admin("POST", "/launches", {"client_id": client_id, "patient": patient})
         assert response.status_code == 201, response.json
-        return str(response.json["launch"])
+        return str(json_of(response)["launch"])
 
     # -- app ---------------------------------------------------------------------------------
     def authorize(self, **params: str | None) -> TestResponse:
@@ -110,7 +111,7 @@ class Driver:
         client_id: str = "app",
         patient: str = PATIENT,
         scope: str = "launch openid fhirUser patient/*.rs offline_access",
-        state: str = "state-123",
+        state: str | None = "state-123",  # None leaves it out of the request
         **overrides: str | None,
     ) -> tuple[TestResponse, str]:
         """An EHR launch's authorization request; returns the response and the PKCE verifier."""
@@ -139,7 +140,10 @@ class Driver:
     def token(self, form: dict[str, str]) -> TestResponse:
         return self.http.post("/oauth/token", data=form)
 
-    def exchange(self, code: str, verifier: str, *, client_id: str = "app", **extra: str) -> TestResponse:
+    def exchange(
+        self, code: str, verifier: str | None, *, client_id: str | None = "app", **extra: str
+    ) -> TestResponse:
+        """The authorization code grant; a None verifier or client_id is left out of the form."""
         form = {
             "grant_type": "authorization_code",
             "code": code,
@@ -154,12 +158,12 @@ class Driver:
         code, verifier = self.ehr_code(**kwargs)
         response = self.exchange(code, verifier, client_id=kwargs.get("client_id", "app"))
         assert response.status_code == 200, response.json
-        return response.json  # type: ignore[no-any-return]
+        return json_object_of(response)
 
     def backend_token(self, key: AppKey, scope: str = "system/*.cruds", client_id: str = "backend") -> str:
         response = self.token(key.client_credentials(client_id, TOKEN_URL, scope))
         assert response.status_code == 200, response.json
-        return str(response.json["access_token"])
+        return str(json_of(response)["access_token"])
 
     # -- FHIR --------------------------------------------------------------------------------
     def fhir(

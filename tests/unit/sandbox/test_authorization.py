@@ -10,6 +10,7 @@ import json
 import re
 import time
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import responses
@@ -18,6 +19,7 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
+from tests.support.http import json_of
 from tests.support.smart import ASSERTION_TYPE, AppKey, pkce_pair, redirect_params
 from tests.unit.sandbox.conftest import (
     APP_REDIRECT,
@@ -47,7 +49,7 @@ def test_ehr_launch_gives_a_code_with_state_echoed_and_a_token_with_launch_conte
     assert token.status_code == 200
     assert token.headers["Cache-Control"] == "no-store"
     assert token.headers["Pragma"] == "no-cache"
-    body = token.json
+    body = json_of(token)
     assert body["token_type"] == "Bearer"
     assert body["patient"] == PATIENT
     assert body["encounter"] == ENCOUNTER
@@ -57,7 +59,7 @@ def test_ehr_launch_gives_a_code_with_state_echoed_and_a_token_with_launch_conte
 
     read = driver.fhir("GET", f"Patient/{PATIENT}", body["access_token"])
     assert read.status_code == 200
-    assert read.json["id"] == PATIENT
+    assert json_of(read)["id"] == PATIENT
 
 
 def test_unknown_redirect_uri_is_refused_on_a_page_never_redirected(driver: Driver) -> None:
@@ -104,9 +106,10 @@ def test_unknown_client_is_refused_on_a_page(driver: Driver) -> None:
     ],
 )
 def test_bad_authorization_requests_go_back_to_the_app_with_an_error(
-    driver: Driver, overrides: dict[str, str | None], reason: str
+    driver: Driver, overrides: dict[str, Any], reason: str
 ) -> None:
     driver.register()
+    # Any: these are request parameters (None drops one), passed on as ehr_authorize's keywords.
     response, _ = driver.ehr_authorize(**overrides)
     assert response.status_code == 302
     params = redirect_params(response.headers["Location"])
@@ -151,15 +154,15 @@ def test_wrong_code_verifier_is_refused(driver: Driver) -> None:
     wrong, _ = pkce_pair()
     response = driver.exchange(code, wrong)
     assert response.status_code == 400
-    assert response.json["error"] == "invalid_grant"
+    assert json_of(response)["error"] == "invalid_grant"
 
 
 def test_missing_code_verifier_is_refused(driver: Driver) -> None:
     driver.register()
     code, _ = driver.ehr_code()
-    response = driver.exchange(code, None)  # type: ignore[arg-type]
+    response = driver.exchange(code, None)
     assert response.status_code == 400
-    assert response.json["error"] == "invalid_request"
+    assert json_of(response)["error"] == "invalid_request"
 
 
 def test_plain_verifier_equal_to_the_challenge_is_refused(driver: Driver) -> None:
@@ -167,7 +170,7 @@ def test_plain_verifier_equal_to_the_challenge_is_refused(driver: Driver) -> Non
     verifier, challenge = pkce_pair()
     response, _ = driver.ehr_authorize(code_challenge=challenge)
     code = redirect_params(response.headers["Location"])["code"]
-    assert driver.exchange(code, challenge).json["error"] == "invalid_grant"
+    assert json_of(driver.exchange(code, challenge))["error"] == "invalid_grant"
     assert driver.exchange(code, verifier).status_code == 200
 
 
@@ -175,7 +178,7 @@ def test_redirect_uri_at_the_token_endpoint_must_be_the_same(driver: Driver) -> 
     driver.register(redirect_uris=[APP_REDIRECT, "https://app.example/other"])
     code, verifier = driver.ehr_code()
     response = driver.exchange(code, verifier, redirect_uri="https://app.example/other")
-    assert response.json["error"] == "invalid_grant"
+    assert json_of(response)["error"] == "invalid_grant"
 
 
 def test_expired_code_is_refused(driver: Driver) -> None:
@@ -186,8 +189,8 @@ def test_expired_code_is_refused(driver: Driver) -> None:
         clock.shift(timedelta(seconds=61))
         response = driver.exchange(code, verifier)
     assert response.status_code == 400
-    assert response.json["error"] == "invalid_grant"
-    assert "expired" in response.json["error_description"]
+    assert json_of(response)["error"] == "invalid_grant"
+    assert "expired" in json_of(response)["error_description"]
 
 
 def test_code_reuse_is_refused_and_revokes_what_the_code_issued(driver: Driver) -> None:
@@ -197,14 +200,14 @@ def test_code_reuse_is_refused_and_revokes_what_the_code_issued(driver: Driver) 
     assert first.status_code == 200
     again = driver.exchange(code, verifier)
     assert again.status_code == 400
-    assert again.json["error"] == "invalid_grant"
-    assert "already used" in again.json["error_description"]
+    assert json_of(again)["error"] == "invalid_grant"
+    assert "already used" in json_of(again)["error_description"]
     # The tokens the code produced are revoked (RFC 6749 4.1.2 / OAuth security BCP).
-    assert driver.fhir("GET", f"Patient/{PATIENT}", first.json["access_token"]).status_code == 401
+    assert driver.fhir("GET", f"Patient/{PATIENT}", json_of(first)["access_token"]).status_code == 401
     refresh = driver.token(
-        {"grant_type": "refresh_token", "refresh_token": first.json["refresh_token"], "client_id": "app"}
+        {"grant_type": "refresh_token", "refresh_token": json_of(first)["refresh_token"], "client_id": "app"}
     )
-    assert refresh.json["error"] == "invalid_grant"
+    assert json_of(refresh)["error"] == "invalid_grant"
 
 
 def test_code_is_bound_to_its_client(driver: Driver) -> None:
@@ -212,7 +215,7 @@ def test_code_is_bound_to_its_client(driver: Driver) -> None:
     driver.register("other-app")
     code, verifier = driver.ehr_code()
     response = driver.exchange(code, verifier, client_id="other-app")
-    assert response.json["error"] == "invalid_grant"
+    assert json_of(response)["error"] == "invalid_grant"
 
 
 # -- refresh tokens ----------------------------------------------------------------------------
@@ -225,7 +228,7 @@ def test_refresh_rotates_and_reuse_of_a_rotated_token_revokes_the_grant(driver: 
         {"grant_type": "refresh_token", "refresh_token": first["refresh_token"], "client_id": "app"}
     )
     assert refreshed.status_code == 200
-    second = refreshed.json
+    second = json_of(refreshed)
     assert second["refresh_token"] != first["refresh_token"]
     assert second["access_token"] != first["access_token"]
     assert second["patient"] == PATIENT
@@ -235,13 +238,13 @@ def test_refresh_rotates_and_reuse_of_a_rotated_token_revokes_the_grant(driver: 
         {"grant_type": "refresh_token", "refresh_token": first["refresh_token"], "client_id": "app"}
     )
     assert reused.status_code == 400
-    assert reused.json["error"] == "invalid_grant"
+    assert json_of(reused)["error"] == "invalid_grant"
     # Reuse means the refresh token leaked: everything issued under the grant stops working.
     assert driver.fhir("GET", f"Patient/{PATIENT}", second["access_token"]).status_code == 401
     latest = driver.token(
         {"grant_type": "refresh_token", "refresh_token": second["refresh_token"], "client_id": "app"}
     )
-    assert latest.json["error"] == "invalid_grant"
+    assert json_of(latest)["error"] == "invalid_grant"
 
 
 def test_refresh_may_narrow_but_not_widen_the_scope(driver: Driver) -> None:
@@ -255,7 +258,7 @@ def test_refresh_may_narrow_but_not_widen_the_scope(driver: Driver) -> None:
             "scope": "launch patient/*.cruds offline_access",
         }
     )
-    assert wider.json["error"] == "invalid_scope"
+    assert json_of(wider)["error"] == "invalid_scope"
     narrower = driver.token(
         {
             "grant_type": "refresh_token",
@@ -274,7 +277,7 @@ def test_refresh_token_of_another_client_is_refused(driver: Driver) -> None:
     response = driver.token(
         {"grant_type": "refresh_token", "refresh_token": first["refresh_token"], "client_id": "other-app"}
     )
-    assert response.json["error"] == "invalid_grant"
+    assert json_of(response)["error"] == "invalid_grant"
 
 
 # -- id_token ------------------------------------------------------------------------------------
@@ -284,11 +287,11 @@ def test_id_token_validates_against_the_published_jwks_and_names_the_practitione
     driver.register()
     token = driver.ehr_launch_token(scope="launch openid fhirUser patient/*.rs", nonce="n-42")
 
-    config = driver.http.get("/fhir/.well-known/openid-configuration").json
+    config = json_of(driver.http.get("/fhir/.well-known/openid-configuration"))
     assert config["issuer"] == FHIR
     assert config["id_token_signing_alg_values_supported"] == ["RS256"]
     jwks_path = config["jwks_uri"].removeprefix(BASE)
-    keys = KeySet.import_key_set(driver.http.get(jwks_path).json)
+    keys = KeySet.import_key_set(json_of(driver.http.get(jwks_path)))
     id_token = jwt.decode(token["id_token"], keys, algorithms=["RS256"])
     claims = id_token.claims
     assert id_token.header["alg"] == "RS256"
@@ -362,7 +365,7 @@ def test_standalone_launch_shows_a_patient_picker_and_returns_the_chosen_patient
     assert status == 302
     params = redirect_params(location)
     assert params["state"] == "st-1"
-    token = driver.exchange(params["code"], verifier).json
+    token = json_of(driver.exchange(params["code"], verifier))
     assert token["patient"] == "sbx-patient-3"
     assert token["need_patient_banner"] is True
     assert "encounter" not in token
@@ -425,7 +428,7 @@ def test_client_credentials_with_private_key_jwt(
         key.client_credentials("backend", TOKEN_URL, "system/Observation.c system/Patient.rs system/Task.c")
     )
     assert response.status_code == 200, response.json
-    body = response.json
+    body = json_of(response)
     assert body["scope"] == "system/Observation.c system/Patient.rs"
     assert 0 < body["expires_in"] <= 300
     assert "refresh_token" not in body and "patient" not in body
@@ -448,7 +451,7 @@ def test_client_credentials_with_private_key_jwt(
     ],
 )
 def test_bad_client_assertions_are_refused(
-    driver: Driver, rs384_key: AppKey, change: dict[str, object], reason: str
+    driver: Driver, rs384_key: AppKey, change: dict[str, Any], reason: str
 ) -> None:
     driver.register_backend(rs384_key)
     claims = change.get("claims")
@@ -456,17 +459,17 @@ def test_bad_client_assertions_are_refused(
         "backend",
         TOKEN_URL,
         "system/*.rs",
-        alg=change.get("alg"),  # type: ignore[arg-type]
-        lifetime=change.get("lifetime", 240),  # type: ignore[arg-type]
-        header=change.get("header"),  # type: ignore[arg-type]
+        alg=change.get("alg"),
+        lifetime=change.get("lifetime", 240),
+        header=change.get("header"),
         claims={k: v for k, v in claims.items() if v is not None} if isinstance(claims, dict) else None,
     )
     if isinstance(claims, dict) and claims.get("jti", "x") is None:
         form["client_assertion"] = _without_jti(rs384_key)
     response = driver.token(form)
     assert response.status_code in (400, 401), response.json
-    assert response.json["error"] == "invalid_client"
-    assert reason in response.json["error_description"]
+    assert json_of(response)["error"] == "invalid_client"
+    assert reason in json_of(response)["error_description"]
 
 
 def _without_jti(key: AppKey) -> str:
@@ -485,8 +488,8 @@ def test_assertion_with_crit_header_is_refused(driver: Driver, rs384_key: AppKey
         "client_assertion": rs384_key.signed(header, rs384_key.claims("backend", TOKEN_URL)),
     }
     response = driver.token(form)
-    assert response.json["error"] == "invalid_client"
-    assert "crit" in response.json["error_description"]
+    assert json_of(response)["error"] == "invalid_client"
+    assert "crit" in json_of(response)["error_description"]
     # The same assertion without `crit` is accepted: the refusal is about the header, not the signature.
     header.pop("crit")
     header.pop("x-policy")
@@ -499,8 +502,8 @@ def test_replayed_assertion_is_refused(driver: Driver, rs384_key: AppKey) -> Non
     form = rs384_key.client_credentials("backend", TOKEN_URL, "system/*.rs", jti="once")
     assert driver.token(form).status_code == 200
     again = driver.token(form)
-    assert again.json["error"] == "invalid_client"
-    assert "replay" in again.json["error_description"]
+    assert json_of(again)["error"] == "invalid_client"
+    assert "replay" in json_of(again)["error_description"]
 
 
 def _forged(header: dict[str, str], claims: dict[str, object], sign: bytes | None) -> str:
@@ -535,7 +538,7 @@ def test_alg_none_and_hs256_with_the_public_key_are_refused(driver: Driver, rs38
         }
         response = driver.token(form)
         assert response.status_code in (400, 401)
-        assert response.json["error"] == "invalid_client"
+        assert json_of(response)["error"] == "invalid_client"
 
 
 def test_embedded_jwk_header_is_refused(driver: Driver, rs384_key: AppKey, es384_key: AppKey) -> None:
@@ -543,27 +546,27 @@ def test_embedded_jwk_header_is_refused(driver: Driver, rs384_key: AppKey, es384
     form = es384_key.client_credentials(
         "backend", TOKEN_URL, "system/*.rs", header={"kid": rs384_key.kid, "jwk": es384_key.jwk}
     )
-    assert driver.token(form).json["error"] == "invalid_client"
+    assert json_of(driver.token(form))["error"] == "invalid_client"
 
 
 def test_client_credentials_needs_a_registered_system_scope(driver: Driver, rs384_key: AppKey) -> None:
     driver.register_backend(rs384_key, scopes=["system/Observation.c"])
     response = driver.token(rs384_key.client_credentials("backend", TOKEN_URL, "system/Patient.rs"))
-    assert response.json["error"] == "invalid_scope"
+    assert json_of(response)["error"] == "invalid_scope"
     response = driver.token(rs384_key.client_credentials("backend", TOKEN_URL, "patient/Observation.rs"))
-    assert response.json["error"] == "invalid_scope"
+    assert json_of(response)["error"] == "invalid_scope"
 
 
 def test_public_clients_cannot_use_client_credentials(driver: Driver) -> None:
     driver.register()
     response = driver.token({"grant_type": "client_credentials", "client_id": "app", "scope": "system/*.rs"})
-    assert response.json["error"] == "invalid_client"
+    assert json_of(response)["error"] == "invalid_client"
 
 
 def test_unsupported_grant_type(driver: Driver) -> None:
     driver.register()
     response = driver.token({"grant_type": "password", "client_id": "app", "username": "u", "password": "p"})
-    assert response.json["error"] == "unsupported_grant_type"
+    assert json_of(response)["error"] == "unsupported_grant_type"
 
 
 @responses.activate
@@ -588,7 +591,7 @@ def test_jwks_url_is_fetched_and_a_rotated_key_is_picked_up(
     stranger = AppKey.ec()
     for _ in range(3):
         form = stranger.client_credentials("backend", TOKEN_URL, "system/*.rs")
-        assert driver.token(form).json["error"] == "invalid_client"
+        assert json_of(driver.token(form))["error"] == "invalid_client"
     assert len(responses.calls) == 2
 
 
@@ -596,16 +599,16 @@ def test_confidential_app_authenticates_at_the_token_endpoint(driver: Driver, rs
     driver.register("conf-app", auth_method="private_key_jwt", jwks=rs384_key.jwks)
     code, verifier = driver.ehr_code(client_id="conf-app")
     # Without its assertion a confidential app gets nothing, even with a valid code and verifier.
-    assert driver.exchange(code, verifier, client_id="conf-app").json["error"] == "invalid_client"
+    assert json_of(driver.exchange(code, verifier, client_id="conf-app"))["error"] == "invalid_client"
     response = driver.exchange(
         code,
         verifier,
-        client_id=None,  # type: ignore[arg-type]
+        client_id=None,
         client_assertion_type=ASSERTION_TYPE,
         client_assertion=rs384_key.assertion("conf-app", TOKEN_URL),
     )
     assert response.status_code == 200, response.json
-    assert response.json["patient"] == PATIENT
+    assert json_of(response)["patient"] == PATIENT
 
 
 # -- discovery -----------------------------------------------------------------------------------
@@ -615,7 +618,7 @@ def test_smart_configuration_advertises_what_the_server_enforces(driver: Driver)
     response = driver.http.get("/fhir/.well-known/smart-configuration")
     assert response.status_code == 200
     assert response.mimetype == "application/json"
-    config = response.json
+    config = json_of(response)
     assert config["authorization_endpoint"] == f"{BASE}/oauth/authorize"
     assert config["token_endpoint"] == TOKEN_URL
     assert config["code_challenge_methods_supported"] == ["S256"]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import html
 import re
+from collections.abc import Callable
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from werkzeug.test import TestResponse
 
+from tests.support.http import json_of
 from tests.support.smart import AppKey, pkce_pair, redirect_params
 from tests.unit.sandbox.conftest import (
     APP_LAUNCH,
@@ -47,7 +50,9 @@ def test_launch_button_opens_the_app_in_a_frame_with_iss_and_launch(driver: Driv
     assert response.status_code == 200
     page = response.get_data(as_text=True)
     assert "Alex Rivera" in page and "MRN-100001" in page
-    src = html.unescape(re.search(r'<iframe[^>]+src="([^"]+)"', page).group(1))  # type: ignore[union-attr]
+    iframe = re.search(r'<iframe[^>]+src="([^"]+)"', page)
+    assert iframe is not None, page
+    src = html.unescape(iframe.group(1))
     assert src.startswith(APP_LAUNCH + "?")
     query = {k: v[0] for k, v in parse_qs(urlsplit(src).query).items()}
     assert query["iss"] == FHIR
@@ -67,7 +72,7 @@ def test_launch_button_opens_the_app_in_a_frame_with_iss_and_launch(driver: Driv
         code_challenge_method="S256",
     )
     code = redirect_params(authorize.headers["Location"])["code"]
-    assert driver.exchange(code, verifier).json["patient"] == PATIENT
+    assert json_of(driver.exchange(code, verifier))["patient"] == PATIENT
 
 
 def test_launch_button_needs_the_csrf_token(driver: Driver) -> None:
@@ -89,7 +94,7 @@ def test_standalone_link_is_offered_for_apps_that_have_one(driver: Driver) -> No
 def test_admin_api_needs_the_admin_token(driver: Driver) -> None:
     response = driver.http.get("/api/admin/clients")
     assert response.status_code == 401
-    assert response.json["error"] == "admin-token-required"
+    assert json_of(response)["error"] == "admin-token-required"
     response = driver.http.get("/api/admin/clients", headers={"Authorization": "Bearer wrong"})
     assert response.status_code == 401
     response = driver.http.get("/api/admin/clients", headers={"Authorization": "Bearer caf\u00e9"})
@@ -119,14 +124,14 @@ def test_bad_registrations_are_refused_with_the_reason(
 ) -> None:
     response = driver.admin("PUT", "/clients/app", body)
     assert response.status_code == 400
-    assert message in response.json["message"]
+    assert message in json_of(response)["message"]
 
 
 def test_registration_round_trip_and_delete(driver: Driver) -> None:
     created = driver.register(name="My app")
     assert created["auth_method"] == "public"
     assert "patient/*.cruds" in created["scopes"]
-    assert driver.admin("GET", "/clients/app").json["name"] == "My app"
+    assert json_of(driver.admin("GET", "/clients/app"))["name"] == "My app"
     assert driver.admin("DELETE", "/clients/app").status_code == 204
     assert driver.admin("GET", "/clients/app").status_code == 404
 
@@ -135,7 +140,7 @@ def test_launch_api_checks_its_patient(driver: Driver) -> None:
     driver.register()
     response = driver.admin("POST", "/launches", {"client_id": "app", "patient": "nobody"})
     assert response.status_code == 400
-    created = driver.admin("POST", "/launches", {"client_id": "app", "patient": OTHER_PATIENT}).json
+    created = json_of(driver.admin("POST", "/launches", {"client_id": "app", "patient": OTHER_PATIENT}))
     assert created["iss"] == FHIR and created["encounter"] == "sbx-encounter-2"
     assert created["launch_url"].startswith(APP_LAUNCH + "?iss=")
 
@@ -144,7 +149,7 @@ def test_launch_api_checks_its_patient(driver: Driver) -> None:
 
 
 def test_fault_list_is_documented_by_the_api(driver: Driver) -> None:
-    faults = driver.admin("GET", "/faults").json
+    faults = json_of(driver.admin("GET", "/faults"))
     assert set(faults["client"]) == {
         "token_error",
         "authorize_error",
@@ -182,7 +187,7 @@ def test_token_error_fault_answers_with_the_oauth_error_then_clears(driver: Driv
     assert failed.status_code == 503
     assert failed.json == {"error": "temporarily_unavailable"}
     assert driver.exchange(code, verifier).status_code == 200  # the code was not spent by the fault
-    assert driver.admin("GET", "/clients/app").json["faults"] == {}
+    assert json_of(driver.admin("GET", "/clients/app"))["faults"] == {}
 
 
 def test_authorize_error_fault_redirects_with_the_error_and_state(driver: Driver) -> None:
@@ -200,8 +205,8 @@ def test_code_expired_fault(driver: Driver) -> None:
     driver.faults("app", {"code_expired": True})
     code, verifier = driver.ehr_code()
     response = driver.exchange(code, verifier)
-    assert response.json["error"] == "invalid_grant"
-    assert "expired" in response.json["error_description"]
+    assert json_of(response)["error"] == "invalid_grant"
+    assert "expired" in json_of(response)["error_description"]
 
 
 @pytest.mark.parametrize(
@@ -243,11 +248,11 @@ def test_search_foreign_patient_fault_leaks_another_patients_resource(
         }
         assert driver.fhir("POST", "Observation", system, obs).status_code == 201
     token = driver.ehr_launch_token(scope="launch patient/*.rs")["access_token"]
-    honest = driver.fhir("GET", "Observation", token).json
+    honest = json_of(driver.fhir("GET", "Observation", token))
     assert {e["resource"]["subject"]["reference"] for e in honest["entry"]} == {f"Patient/{PATIENT}"}
 
     driver.faults("app", {"search_foreign_patient": True})
-    leaky = driver.fhir("GET", "Observation", token).json
+    leaky = json_of(driver.fhir("GET", "Observation", token))
     subjects = [e["resource"]["subject"]["reference"] for e in leaky["entry"]]
     assert subjects.count(f"Patient/{OTHER_PATIENT}") == 1
     assert subjects.count(f"Patient/{PATIENT}") == 1
@@ -261,7 +266,7 @@ def test_fhir_error_fault_fails_requests_then_recovers(driver: Driver) -> None:
         response = driver.fhir("GET", f"Patient/{PATIENT}", token)
         assert response.status_code == 429
         assert response.headers["Retry-After"] == "5"
-        assert response.json["resourceType"] == "OperationOutcome"
+        assert json_of(response)["resourceType"] == "OperationOutcome"
     assert driver.fhir("GET", f"Patient/{PATIENT}", token).status_code == 200
 
 
@@ -274,7 +279,7 @@ def test_faults_apply_only_to_their_app(driver: Driver, rs384_key: AppKey) -> No
     # A backend client is recognised by its assertion (it sends no client_id).
     driver.faults("backend", {"token_error": {"error": "invalid_client", "status": 401}})
     response = driver.token(rs384_key.client_credentials("backend", TOKEN_URL, "system/*.rs"))
-    assert (response.status_code, response.json["error"]) == (401, "invalid_client")
+    assert (response.status_code, json_of(response)["error"]) == (401, "invalid_client")
 
 
 def test_fhir_error_fault_can_answer_with_something_that_is_not_fhir(driver: Driver) -> None:
@@ -292,7 +297,7 @@ def test_search_next_url_fault_points_paging_elsewhere(driver: Driver) -> None:
     driver.register()
     token = driver.ehr_launch_token()["access_token"]
     driver.faults("app", {"search_next_url": "https://evil.example/fhir/Observation?page=2"})
-    bundle = driver.fhir("GET", "Encounter", token).json
+    bundle = json_of(driver.fhir("GET", "Encounter", token))
     assert {"relation": "next", "url": "https://evil.example/fhir/Observation?page=2"} in bundle["link"]
 
 
@@ -321,7 +326,7 @@ def test_forged_id_token_can_be_handed_to_the_app(driver: Driver) -> None:
             },
             lambda r: (
                 "code_challenge_methods_supported" not in r.json
-                and r.json["token_endpoint"] == "http://evil.example/t"
+                and json_of(r)["token_endpoint"] == "http://evil.example/t"
             ),
         ),
         (
@@ -331,13 +336,13 @@ def test_forged_id_token_can_be_handed_to_the_app(driver: Driver) -> None:
     ],
 )
 def test_discovery_fault_bends_smart_configuration(
-    driver: Driver, fault: dict[str, object], check: object
+    driver: Driver, fault: dict[str, object], check: Callable[[TestResponse], bool]
 ) -> None:
     assert driver.admin("PUT", "/discovery/fault", fault).status_code == 200
     response = driver.http.get("/fhir/.well-known/smart-configuration")
-    assert check(response)  # type: ignore[operator]
+    assert check(response)
     assert driver.admin("DELETE", "/discovery/fault").status_code == 204
-    assert driver.http.get("/fhir/.well-known/smart-configuration").json[
+    assert json_of(driver.http.get("/fhir/.well-known/smart-configuration"))[
         "code_challenge_methods_supported"
     ] == ["S256"]
 

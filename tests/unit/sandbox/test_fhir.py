@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from mappings.fhir_models import validate_resource
+from tests.support.http import json_object_of, json_of
 from tests.support.smart import AppKey
 from tests.unit.sandbox.conftest import FHIR, OTHER_PATIENT, PATIENT, Driver
 
@@ -58,7 +59,7 @@ def system_token(driver: Driver, rs384_key: AppKey) -> str:
 def create(driver: Driver, token: str, resource: dict[str, Any], **headers: str) -> dict[str, Any]:
     response = driver.fhir("POST", resource["resourceType"], token, resource, headers=headers)
     assert response.status_code == 201, response.json
-    return response.json  # type: ignore[no-any-return]
+    return json_object_of(response)
 
 
 def ids(bundle: dict[str, Any]) -> list[str]:
@@ -68,7 +69,7 @@ def ids(bundle: dict[str, Any]) -> list[str]:
 def search(driver: Driver, token: str, query: str) -> dict[str, Any]:
     response = driver.fhir("GET", query, token)
     assert response.status_code == 200, response.json
-    return response.json  # type: ignore[no-any-return]
+    return json_object_of(response)
 
 
 # -- create, read, update ------------------------------------------------------------------------
@@ -77,7 +78,7 @@ def search(driver: Driver, token: str, query: str) -> dict[str, Any]:
 def test_create_then_read(driver: Driver, system_token: str) -> None:
     response = driver.fhir("POST", "Observation", system_token, observation())
     assert response.status_code == 201
-    created = response.json
+    created = json_of(response)
     assert created["meta"]["versionId"] == "1"
     assert response.headers["ETag"] == 'W/"1"'
     assert response.headers["Location"] == f"{FHIR}/Observation/{created['id']}/_history/1"
@@ -104,14 +105,14 @@ def test_update_and_update_as_create(driver: Driver, system_token: str) -> None:
     }
     created = driver.fhir("PUT", "Task/follow-up-1", system_token, task)
     assert created.status_code == 201
-    assert created.json["meta"]["versionId"] == "1"
+    assert json_of(created)["meta"]["versionId"] == "1"
     updated = driver.fhir("PUT", "Task/follow-up-1", system_token, task | {"status": "completed"})
     assert updated.status_code == 200
-    assert updated.json["meta"]["versionId"] == "2"
-    assert driver.fhir("GET", "Task/follow-up-1", system_token).json["status"] == "completed"
+    assert json_of(updated)["meta"]["versionId"] == "2"
+    assert json_of(driver.fhir("GET", "Task/follow-up-1", system_token))["status"] == "completed"
     stale = driver.fhir("PUT", "Task/follow-up-1", system_token, task, headers={"If-Match": 'W/"1"'})
     assert stale.status_code == 412
-    assert driver.fhir("GET", "Task?status=requested", system_token).json["total"] == 0
+    assert json_of(driver.fhir("GET", "Task?status=requested", system_token))["total"] == 0
 
 
 def test_update_needs_the_same_id_in_body_and_url(driver: Driver, system_token: str) -> None:
@@ -122,7 +123,7 @@ def test_update_needs_the_same_id_in_body_and_url(driver: Driver, system_token: 
         {"resourceType": "Task", "id": "b", "status": "draft", "intent": "order"},
     )
     assert response.status_code == 400
-    assert response.json["resourceType"] == "OperationOutcome"
+    assert json_of(response)["resourceType"] == "OperationOutcome"
 
 
 def test_invalid_resource_gets_an_operation_outcome_with_the_element_path(
@@ -133,24 +134,24 @@ def test_invalid_resource_gets_an_operation_outcome_with_the_element_path(
     bad["effectiveDateTime"] = "2024-13-45"
     response = driver.fhir("POST", "Observation", system_token, bad)
     assert response.status_code == 422
-    outcome = response.json
+    outcome = json_of(response)
     assert outcome["resourceType"] == "OperationOutcome"
     expressions = {e for issue in outcome["issue"] for e in issue.get("expression", [])}
     assert "Observation.code.coding[0].system" in expressions
     assert "Observation.effectiveDateTime" in expressions
-    assert driver.fhir("GET", "Observation", system_token).json["total"] == 0
+    assert json_of(driver.fhir("GET", "Observation", system_token))["total"] == 0
 
 
 def test_status_codes_are_checked_like_a_real_ehr(driver: Driver, system_token: str) -> None:
     response = driver.fhir("POST", "Observation", system_token, observation(status="done"))
     assert response.status_code == 422
-    assert response.json["issue"][0]["expression"] == ["Observation.status"]
+    assert json_of(response)["issue"][0]["expression"] == ["Observation.status"]
 
 
 def test_references_must_point_at_existing_resources(driver: Driver, system_token: str) -> None:
     response = driver.fhir("POST", "Observation", system_token, observation(patient="nobody"))
     assert response.status_code == 422
-    assert response.json["issue"][0]["expression"] == ["Observation.subject.reference"]
+    assert json_of(response)["issue"][0]["expression"] == ["Observation.subject.reference"]
 
 
 def test_unsupported_things_are_refused_clearly(driver: Driver, system_token: str) -> None:
@@ -171,7 +172,7 @@ def test_requests_without_a_valid_token_are_refused(driver: Driver) -> None:
     missing = driver.http.get("/fhir/Patient")
     assert missing.status_code == 401
     assert missing.headers["WWW-Authenticate"].startswith("Bearer")
-    assert missing.json["resourceType"] == "OperationOutcome"
+    assert json_of(missing)["resourceType"] == "OperationOutcome"
     wrong = driver.fhir("GET", "Patient", "not-a-token")
     assert wrong.status_code == 401
     assert 'error="invalid_token"' in wrong.headers["WWW-Authenticate"]
@@ -187,8 +188,8 @@ def test_conditional_create_is_idempotent(driver: Driver, system_token: str) -> 
         "POST", "Observation", system_token, observation(ident="obs-1", value=3), headers=header
     )
     assert (first.status_code, second.status_code) == (201, 200)
-    assert second.json["id"] == first.json["id"]
-    assert second.json["valueInteger"] == 12  # the existing resource, untouched
+    assert json_of(second)["id"] == json_of(first)["id"]
+    assert json_of(second)["valueInteger"] == 12  # the existing resource, untouched
     assert search(driver, system_token, f"Observation?identifier={IDENT}|obs-1")["total"] == 1
 
 
@@ -210,7 +211,7 @@ def test_conditional_create_criteria_must_be_a_valid_search(driver: Driver, syst
         "POST", "Observation", system_token, observation(), headers={"If-None-Exist": "colour=blue"}
     )
     assert response.status_code == 400
-    assert "Unknown search parameter" in response.json["issue"][0]["diagnostics"]
+    assert "Unknown search parameter" in json_of(response)["issue"][0]["diagnostics"]
 
 
 # -- transaction and batch -----------------------------------------------------------------------
@@ -272,16 +273,16 @@ def _record_bundle(record: str, *, bad_status: bool = False) -> dict[str, Any]:
 def test_transaction_resolves_urn_uuid_references(driver: Driver, system_token: str) -> None:
     response = driver.fhir("POST", "", system_token, _record_bundle("r1"))
     assert response.status_code == 200, response.json
-    result = response.json
+    result = json_of(response)
     assert result["type"] == "transaction-response"
     statuses = [e["response"]["status"] for e in result["entry"]]
     assert statuses == ["201 Created"] * 4
     device_id, qr_id, obs_id, prov_id = (e["response"]["location"].split("/")[1] for e in result["entry"])
 
-    obs = driver.fhir("GET", f"Observation/{obs_id}", system_token).json
+    obs = json_of(driver.fhir("GET", f"Observation/{obs_id}", system_token))
     assert obs["derivedFrom"] == [{"reference": f"QuestionnaireResponse/{qr_id}"}]
     assert obs["device"] == {"reference": f"Device/{device_id}"}
-    prov = driver.fhir("GET", f"Provenance/{prov_id}", system_token).json
+    prov = json_of(driver.fhir("GET", f"Provenance/{prov_id}", system_token))
     assert [t["reference"] for t in prov["target"]] == [
         f"QuestionnaireResponse/{qr_id}",
         f"Observation/{obs_id}",
@@ -292,8 +293,8 @@ def test_transaction_resolves_urn_uuid_references(driver: Driver, system_token: 
 
 
 def test_transaction_with_if_none_exist_is_idempotent(driver: Driver, system_token: str) -> None:
-    first = driver.fhir("POST", "", system_token, _record_bundle("r2")).json
-    again = driver.fhir("POST", "", system_token, _record_bundle("r2")).json
+    first = json_of(driver.fhir("POST", "", system_token, _record_bundle("r2")))
+    again = json_of(driver.fhir("POST", "", system_token, _record_bundle("r2")))
     assert [e["response"]["status"] for e in again["entry"]] == ["200 OK", "200 OK", "200 OK", "201 Created"]
     assert [e["response"]["location"] for e in again["entry"][:3]] == [
         e["response"]["location"] for e in first["entry"][:3]
@@ -301,7 +302,7 @@ def test_transaction_with_if_none_exist_is_idempotent(driver: Driver, system_tok
     assert search(driver, system_token, "Observation")["total"] == 1
     assert search(driver, system_token, "QuestionnaireResponse")["total"] == 1
     # A second record from the same app reuses the Device the first one created.
-    third = driver.fhir("POST", "", system_token, _record_bundle("r3")).json
+    third = json_of(driver.fhir("POST", "", system_token, _record_bundle("r3")))
     assert third["entry"][0]["response"]["status"] == "200 OK"
     assert search(driver, system_token, "Device")["total"] == 1
 
@@ -309,8 +310,8 @@ def test_transaction_with_if_none_exist_is_idempotent(driver: Driver, system_tok
 def test_transaction_is_all_or_nothing(driver: Driver, system_token: str) -> None:
     response = driver.fhir("POST", "", system_token, _record_bundle("r4", bad_status=True))
     assert response.status_code == 422
-    assert response.json["resourceType"] == "OperationOutcome"
-    assert "Bundle.entry[2].resource.status" in response.json["issue"][0]["expression"]
+    assert json_of(response)["resourceType"] == "OperationOutcome"
+    assert "Bundle.entry[2].resource.status" in json_of(response)["issue"][0]["expression"]
     for rtype in ("Device", "QuestionnaireResponse", "Observation", "Provenance"):
         assert search(driver, system_token, rtype)["total"] == 0, rtype
 
@@ -332,8 +333,8 @@ def test_batch_entries_succeed_or_fail_on_their_own(driver: Driver, system_token
     }
     response = driver.fhir("POST", "", system_token, bundle)
     assert response.status_code == 200
-    entries = response.json["entry"]
-    assert response.json["type"] == "batch-response"
+    entries = json_of(response)["entry"]
+    assert json_of(response)["type"] == "batch-response"
     assert [e["response"]["status"].split()[0] for e in entries] == ["201", "422", "422", "200"]
     assert entries[1]["response"]["outcome"]["resourceType"] == "OperationOutcome"
     assert "urn:uuid" in entries[2]["response"]["outcome"]["issue"][0]["diagnostics"]
@@ -468,7 +469,7 @@ def test_search_pages_with_next_links_until_done(driver: Driver, system_token: s
             assert nxt[0].startswith(f"{FHIR}/Observation?")
     assert pages == 5
     assert seen == sorted(seen, key=lambda i: seen.index(i)) and set(seen) == made and len(seen) == 23
-    values = [driver.fhir("GET", f"Observation/{i}", system_token).json["valueInteger"] for i in seen]
+    values = [json_of(driver.fhir("GET", f"Observation/{i}", system_token))["valueInteger"] for i in seen]
     assert values == list(range(1, 24))
     # Asked for, the total is on every page, and the next link keeps asking for it.
     last = search(driver, system_token, f"Observation?patient={PATIENT}&_count=5&_offset=20&_total=accurate")
@@ -524,7 +525,7 @@ def test_search_by_id_name_and_questionnaire(driver: Driver, system_token: str) 
 def test_bad_searches_are_refused_not_ignored(driver: Driver, system_token: str, query: str) -> None:
     response = driver.fhir("GET", query, system_token)
     assert response.status_code == 400, query
-    assert response.json["resourceType"] == "OperationOutcome"
+    assert json_of(response)["resourceType"] == "OperationOutcome"
 
 
 def test_lenient_handling_skips_unknown_parameters_and_says_so(
@@ -537,7 +538,7 @@ def test_lenient_handling_skips_unknown_parameters_and_says_so(
         headers={"Prefer": "handling=lenient"},
     )
     assert response.status_code == 200
-    bundle = response.json
+    bundle = json_of(response)
     assert bundle["total"] == 5
     self_link = next(link["url"] for link in bundle["link"] if link["relation"] == "self")
     assert "colour" not in self_link and f"patient={PATIENT}" in self_link
@@ -546,7 +547,7 @@ def test_lenient_handling_skips_unknown_parameters_and_says_so(
 def test_unsupported_interactions_say_what_is_supported(driver: Driver, system_token: str) -> None:
     response = driver.fhir("GET", f"Patient/{PATIENT}/_history", system_token)
     assert response.status_code == 404
-    assert "/fhir/metadata" in response.json["issue"][0]["diagnostics"]
+    assert "/fhir/metadata" in json_of(response)["issue"][0]["diagnostics"]
 
 
 def test_transaction_puts_may_reference_each_other(driver: Driver, system_token: str) -> None:
@@ -569,7 +570,7 @@ def test_transaction_puts_may_reference_each_other(driver: Driver, system_token:
     }
     response = driver.fhir("POST", "", system_token, bundle)
     assert response.status_code == 200, response.json
-    assert [e["response"]["status"] for e in response.json["entry"]] == ["201 Created", "201 Created"]
+    assert [e["response"]["status"] for e in json_of(response)["entry"]] == ["201 Created", "201 Created"]
 
 
 def test_search_by_post(driver: Driver, system_token: str, seeded: dict[str, str]) -> None:
@@ -579,7 +580,7 @@ def test_search_by_post(driver: Driver, system_token: str, seeded: dict[str, str
         headers={"Authorization": f"Bearer {system_token}"},
     )
     assert response.status_code == 200
-    assert ids(response.json) == [seeded["gad_may2"]]
+    assert ids(json_object_of(response)) == [seeded["gad_may2"]]
 
 
 # -- scopes and the patient compartment ------------------------------------------------------------
@@ -645,7 +646,7 @@ def test_user_token_sees_every_patient(driver: Driver, seeded: dict[str, str]) -
 def test_capability_statement_is_valid_r4_and_lists_the_search_parameters(driver: Driver) -> None:
     response = driver.http.get("/fhir/metadata")
     assert response.status_code == 200
-    statement = response.json
+    statement = json_of(response)
     validate_resource(statement)
     assert statement["fhirVersion"] == "4.0.1"
     observation_entry = next(r for r in statement["rest"][0]["resource"] if r["type"] == "Observation")
@@ -687,7 +688,7 @@ def test_conditional_update_creates_once_then_replaces(driver: Driver, system_to
                   "entry": [{"resource": resource, "request": {"method": "PUT", "url": url}}]}  # fmt: skip
         response = driver.fhir("POST", "", system_token, bundle)
         assert response.status_code == 200, response.json
-        answer = response.json["entry"][0]["response"]
+        answer = json_of(response)["entry"][0]["response"]
         return int(answer["status"][:3]), answer["location"]
 
     created, first = put("active")

@@ -14,6 +14,7 @@ from fhir_bridge.sandbox import SandboxConfig, create_sandbox_app
 from fhir_bridge.sandbox.app import bridge_clients
 from fhir_bridge.sandbox.scopes import narrow, split
 from fhir_bridge.storage.models import DEFAULT_BACKEND_SCOPES
+from tests.support.http import json_of
 from tests.unit.sandbox.conftest import BASE, sandbox_of
 
 
@@ -30,7 +31,9 @@ def test_restart_keeps_data_and_bridge_url_registers_the_bridge(
         clients_file=clients,
     )
     token = sandbox_of(app).admin_token
-    listed = app.test_client().get("/api/admin/clients", headers={"Authorization": f"Bearer {token}"}).json
+    listed = json_of(
+        app.test_client().get("/api/admin/clients", headers={"Authorization": f"Bearer {token}"})
+    )
     by_id = {c["client_id"]: c for c in listed}
     assert set(by_id) == {"extra", "fhir-bridge", "fhir-bridge-backend"}
     assert by_id["fhir-bridge"]["launch_url"] == "http://127.0.0.1:8080/launch"
@@ -44,10 +47,10 @@ def test_restart_keeps_data_and_bridge_url_registers_the_bridge(
     sandbox = sandbox_of(again)
     assert sandbox.admin_token == token
     with sandbox.db.read() as session:
-        assert len(sandbox.store.get(session, "Patient", "sbx-patient-1")["meta"]["tag"]) == 1
-        assert (
-            sandbox.store.get(session, "Patient", "sbx-patient-1")["meta"]["versionId"] == "1"
-        )  # not re-seeded
+        patient = sandbox.store.get(session, "Patient", "sbx-patient-1")
+        assert patient is not None
+        assert len(patient["meta"]["tag"]) == 1
+        assert patient["meta"]["versionId"] == "1"  # not re-seeded
     sandbox.db.dispose()
     assert oct((data / "admin_token").stat().st_mode & 0o777) == "0o600"
     assert oct((data / "id_token_key.json").stat().st_mode & 0o777) == "0o600"

@@ -56,12 +56,11 @@ def ehr(ehr_key: RSAKey) -> Iterator[FakeEhr]:
     with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
         fake = FakeEhr(key=ehr_key)
         fake.install(rsps)
-        fake.rsps = rsps  # type: ignore[attr-defined]
         yield fake
 
 
 def calls(ehr: FakeEhr) -> list[str]:
-    return [call.request.url for call in ehr.rsps.calls]  # type: ignore[attr-defined]
+    return [str(call.request.url) for call in ehr.rsps.calls]
 
 
 def launch(browser: FlaskClient, query: str = f"iss={BASE}&launch=abc123") -> Any:

@@ -20,6 +20,7 @@ from fhir_bridge import services
 from fhir_bridge.storage.models import Alert, OutboxItem, SmartLaunch
 from smart_app import summary
 from tests.support.fake_ehr import BASE, FakeEhr, observation
+from tests.support.http import json_of
 from tests.unit.smart.conftest import PUBLIC, add_tenant, calls, full_launch
 
 OURS = summary.OUR_CODES
@@ -93,7 +94,7 @@ def test_summary_shows_trends_markers_and_engagement_for_the_launched_patient(
     launch_id = full_launch(browser, ehr)
     with time_machine.travel("2026-04-20T12:00:00Z", tick=False):
         response = browser.get(f"/app/{launch_id}/api/summary", base_url=PUBLIC)
-    data = response.json
+    data = json_of(response)
     assert response.status_code == 200
     assert data["patient"]["name"] == "Alex Rivera"
     assert data["series"]["phq9"]["v"] == [18, 11, 8, 4]
@@ -120,8 +121,8 @@ def test_empty_record_and_failed_searches_are_reported_per_panel(browser: FlaskC
     import responses
 
     launch_id = full_launch(browser, ehr)
-    ehr.rsps.replace(responses.GET, f"{BASE}/Flag", status=503, json={"resourceType": "OperationOutcome"})  # type: ignore[attr-defined]
-    data = browser.get(f"/app/{launch_id}/api/summary", base_url=PUBLIC).json
+    ehr.rsps.replace(responses.GET, f"{BASE}/Flag", status=503, json={"resourceType": "OperationOutcome"})
+    data = json_of(browser.get(f"/app/{launch_id}/api/summary", base_url=PUBLIC))
     assert data["series"] == {}
     assert data["engagement"]["last_data"] is None
     assert [(p["panel"], p["code"]) for p in data["problems"]] == [("alerts", "ehr-search-failed")]
@@ -156,8 +157,8 @@ def test_failed_refresh_ends_the_session_with_a_relaunch_message(
         first = browser.get(f"/app/{launch_id}/api/summary", base_url=PUBLIC)
         second = browser.get(f"/app/{launch_id}/api/summary", base_url=PUBLIC)
     assert first.status_code == second.status_code == 401
-    assert first.json["error"] == "session-expired"
-    assert "Open the app again" in first.json["message"]
+    assert json_of(first)["error"] == "session-expired"
+    assert "Open the app again" in json_of(first)["message"]
     assert len([f for f in ehr.token_requests if f["grant_type"] == ["refresh_token"]]) == 1
     with smart.app_context(), services.current().db.transaction() as session:
         row = session.get(SmartLaunch, launch_id)
@@ -168,7 +169,7 @@ def test_a_401_from_the_ehr_refreshes_once_then_asks_to_relaunch(browser: FlaskC
     import responses
 
     launch_id = full_launch(browser, ehr)
-    ehr.rsps.replace(responses.GET, f"{BASE}/Observation", status=401, json={})  # type: ignore[attr-defined]
+    ehr.rsps.replace(responses.GET, f"{BASE}/Observation", status=401, json={})
     response = browser.get(f"/app/{launch_id}/api/summary", base_url=PUBLIC)  # F9
     assert response.status_code == 401
     assert len([f for f in ehr.token_requests if f["grant_type"] == ["refresh_token"]]) == 1
@@ -213,7 +214,7 @@ def test_follow_up_refuses_bad_input_and_queues_nothing(
         f"/app/{launch_id}/api/follow-up", json=body, headers=csrf(browser, launch_id), base_url=PUBLIC
     )
     assert response.status_code == 422
-    assert response.json["error"].startswith("invalid-")
+    assert json_of(response)["error"].startswith("invalid-")
     with smart.app_context(), services.current().db.transaction() as session:
         assert session.scalars(select(OutboxItem)).all() == []
 
@@ -228,7 +229,7 @@ def test_acknowledging_an_alert_records_who_and_only_works_for_this_patient(
         )
         session.add(Alert(id=theirs, tenant_id="t1", patient_id="p2", rule_id="no-response", reason="other"))
     launch_id = full_launch(browser, ehr)
-    data = browser.get(f"/app/{launch_id}/api/summary", base_url=PUBLIC).json
+    data = json_of(browser.get(f"/app/{launch_id}/api/summary", base_url=PUBLIC))
     assert [a["id"] for a in data["alerts"]["bridge"]] == [str(mine)]
     headers = csrf(browser, launch_id)
     url = f"/app/{launch_id}/api/alerts/{{}}/acknowledge"

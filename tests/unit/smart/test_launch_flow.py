@@ -26,6 +26,7 @@ from fhir_bridge.ops.logs import JsonFormatter
 from fhir_bridge.storage.models import SmartLaunch, Tenant
 from tests.conftest import AppFactory
 from tests.support.fake_ehr import BASE, CLIENT_ID, JWKS, TOKEN, FakeEhr, observation
+from tests.support.http import json_of
 from tests.unit.smart.conftest import (
     EHR_ORIGIN,
     PUBLIC,
@@ -171,9 +172,9 @@ def test_two_launches_in_one_browser_keep_their_own_patients(browser: FlaskClien
     one = browser.get(f"/app/{first}/api/summary", base_url=PUBLIC)
     two = browser.get(f"/app/{second}/api/summary", base_url=PUBLIC)
     assert one.status_code == two.status_code == 200
-    assert one.json["series"]["phq9"]["v"] == [12]
-    assert two.json["series"] == {}  # p1's result never shows for p2
-    assert two.json["dropped"]["other_patient"] == 1
+    assert json_of(one)["series"]["phq9"]["v"] == [12]
+    assert json_of(two)["series"] == {}  # p1's result never shows for p2
+    assert json_of(two)["dropped"]["other_patient"] == 1
     observation_searches = [parse_qs(urlsplit(u).query) for u in calls(ehr) if "/Observation" in u]
     assert [q["patient"] for q in observation_searches] == [["p1"], ["p2"]]
 
@@ -322,7 +323,7 @@ def test_pkce_s256_is_sent_whatever_discovery_says(browser: FlaskClient, ehr: Fa
         del ehr.discovery["code_challenge_methods_supported"]
     else:
         ehr.discovery["code_challenge_methods_supported"] = methods
-    ehr.rsps.replace(responses.GET, f"{BASE}/.well-known/smart-configuration", json=ehr.discovery)  # type: ignore[attr-defined]
+    ehr.rsps.replace(responses.GET, f"{BASE}/.well-known/smart-configuration", json=ehr.discovery)
     params = start(browser, ehr)
     assert params["code_challenge_method"] == "S256"
 
@@ -343,7 +344,7 @@ def test_discovery_that_disagrees_with_the_pins_is_refused(
         assert tenant is not None
         tenant.token_url, tenant.authorize_url = TOKEN, "https://ehr.example.com/oauth/authorize"
     discovery = ehr.default_discovery() | {field: value}
-    ehr.rsps.replace(responses.GET, f"{BASE}/.well-known/smart-configuration", json=discovery)  # type: ignore[attr-defined]
+    ehr.rsps.replace(responses.GET, f"{BASE}/.well-known/smart-configuration", json=discovery)
     response = launch(browser)
     assert response.status_code == 502
     assert "Location" not in response.headers
@@ -356,7 +357,7 @@ def test_relative_discovery_endpoints_resolve_against_the_fhir_base(
         "authorization_endpoint": "../oauth/authorize",
         "token_endpoint": "/oauth/token",
     }
-    ehr.rsps.replace(responses.GET, f"{BASE}/.well-known/smart-configuration", json=discovery)  # type: ignore[attr-defined]
+    ehr.rsps.replace(responses.GET, f"{BASE}/.well-known/smart-configuration", json=discovery)
     response = launch(browser)  # D4
     assert response.headers["Location"].startswith("https://ehr.example.com/oauth/authorize?")
     assert finish(browser, ehr.authorize(response.headers["Location"])).status_code == 303
@@ -428,7 +429,7 @@ def test_lenient_but_safe_reading_of_an_odd_token_response(
 def test_narrower_scope_degrades_with_a_clear_message(browser: FlaskClient, ehr: FakeEhr) -> None:
     ehr.scope = "launch patient/Patient.rs"  # D8: no observations granted, no openid
     launch_id = full_launch(browser, ehr)
-    summary = browser.get(f"/app/{launch_id}/api/summary", base_url=PUBLIC).json
+    summary = json_of(browser.get(f"/app/{launch_id}/api/summary", base_url=PUBLIC))
     assert [p["code"] for p in summary["problems"]] == ["not-permitted"]
     assert not any("/Observation" in url for url in calls(ehr))
 
@@ -556,7 +557,7 @@ def test_confidential_tenant_authenticates_with_a_fresh_short_lived_assertion(
     full_launch(browser, ehr)
     full_launch(browser, ehr)
     with smart.app_context():
-        keys = KeySet.import_key_set(services.current().keyring.jwks())
+        keys = KeySet.import_key_set({"keys": services.current().keyring.jwks()["keys"]})
     jtis = set()
     for form in ehr.token_requests:
         assert "client_id" not in form  # A26: confidential clients authenticate instead

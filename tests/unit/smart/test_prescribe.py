@@ -13,6 +13,7 @@ from sqlalchemy import select
 from fhir_bridge import enrollment, services
 from fhir_bridge.storage.models import AuditEvent, Enrollment, VendorClient
 from tests.support.fake_ehr import FakeEhr
+from tests.support.http import json_of
 from tests.unit.smart.conftest import PUBLIC, full_launch
 
 
@@ -34,7 +35,7 @@ def test_prescribe_shows_a_pairing_code_and_qr_and_follows_the_claim(
     add_vendor(smart)
     launch_id = full_launch(browser, ehr)
     api = f"/app/{launch_id}/api/enrollment"
-    before = browser.get(api, base_url=PUBLIC).json
+    before = json_of(browser.get(api, base_url=PUBLIC))
     assert before == {"vendors": [{"id": "acme-mood", "name": "Acme Mood"}], "enrollments": []}
 
     assert browser.post(api, json={"vendor": "acme-mood"}, base_url=PUBLIC).status_code == 403  # CSRF
@@ -42,7 +43,7 @@ def test_prescribe_shows_a_pairing_code_and_qr_and_follows_the_claim(
         api, json={"vendor": "acme-mood"}, headers=csrf(browser, launch_id), base_url=PUBLIC
     )
     assert created.status_code == 201
-    body = created.json
+    body = json_of(created)
     assert re.fullmatch(r"[A-Z2-9]{5}-[A-Z2-9]{5}", body["code"])
     assert body["qr"].startswith("data:image/svg+xml")
     svg = (
@@ -68,16 +69,16 @@ def test_prescribe_shows_a_pairing_code_and_qr_and_follows_the_claim(
             app_user_id="user-42",
             max_attempts=10,
         )
-    after = browser.get(api, base_url=PUBLIC).json
+    after = json_of(browser.get(api, base_url=PUBLIC))
     assert [e["status"] for e in after["enrollments"]] == ["active"]
-    summary = browser.get(f"/app/{launch_id}/api/summary", base_url=PUBLIC).json
+    summary = json_of(browser.get(f"/app/{launch_id}/api/summary", base_url=PUBLIC))
     assert summary["enrollment"]["enrollments"][0]["status"] == "active"
 
     ended = browser.post(
         f"{api}/{body['id']}/end", json={}, headers=csrf(browser, launch_id), base_url=PUBLIC
     )
     assert ended.status_code == 200
-    assert [e["status"] for e in ended.json["enrollments"]] == ["ended"]
+    assert [e["status"] for e in json_of(ended)["enrollments"]] == ["ended"]
     with smart.app_context(), services.current().db.transaction() as session:
         actions = [
             (a.action, a.actor_id) for a in session.scalars(select(AuditEvent).order_by(AuditEvent.id))
@@ -106,7 +107,7 @@ def test_enrollments_of_other_patients_cannot_be_seen_or_ended(
         )
     launch_id = full_launch(browser, ehr)  # patient p1
     api = f"/app/{launch_id}/api/enrollment"
-    assert browser.get(api, base_url=PUBLIC).json["enrollments"] == []
+    assert json_of(browser.get(api, base_url=PUBLIC))["enrollments"] == []
     response = browser.post(
         f"{api}/{other.enrollment_id}/end", json={}, headers=csrf(browser, launch_id), base_url=PUBLIC
     )

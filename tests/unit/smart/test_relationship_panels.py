@@ -16,6 +16,7 @@ from fhir_bridge.relationship import messages
 from fhir_bridge.storage.models import Message, OutboxItem, Tenant
 from mappings.fhir_models import validate_resource
 from tests.support.fake_ehr import FakeEhr
+from tests.support.http import json_of
 from tests.unit.smart.conftest import PUBLIC, full_launch
 from tests.unit.smart.test_dashboard import csrf
 
@@ -72,7 +73,7 @@ def test_goal_task_message_are_queued_as_valid_fhir_and_shown_with_the_timeline(
             Message(tenant_id="t1", patient_id="p1", direction="to-clinician", sender="app:x", text="Fine!",
                     in_response_to=mine.id, ident_value="reply-1")
         )  # fmt: skip
-    state = browser.get(f"{base}/relationship", base_url=PUBLIC).json
+    state = json_of(browser.get(f"{base}/relationship", base_url=PUBLIC))
     assert state["unread"] == 1 and [m["text"] for m in state["messages"]] == ["How is it going?", "Fine!"]
     assert "not for emergencies" in state["notice"] and "116 123" in state["notice"]
     assert state["goals"][0]["target"]["label"] == "PHQ-9 total score"
@@ -83,14 +84,14 @@ def test_goal_task_message_are_queued_as_valid_fhir_and_shown_with_the_timeline(
     assert browser.post(f"{base}/messages/read", json={}, headers=headers, base_url=PUBLIC).json == {
         "read": 1
     }
-    assert browser.get(f"{base}/relationship", base_url=PUBLIC).json["unread"] == 0
+    assert json_of(browser.get(f"{base}/relationship", base_url=PUBLIC))["unread"] == 0
 
     # Edit the goal: the one queued Goal is rewritten (an upsert), not a second one.
-    goal_id = goal.json["id"]
+    goal_id = json_of(goal)["id"]
     edited = browser.post(
         f"{base}/goals/{goal_id}", json={"status": "completed"}, headers=headers, base_url=PUBLIC
     )
-    assert edited.status_code == 200 and edited.json["status"] == "completed"
+    assert edited.status_code == 200 and json_of(edited)["status"] == "completed"
     assert queued(smart)["Goal"]["lifecycleStatus"] == "completed"
 
 
@@ -120,7 +121,7 @@ def test_bad_input_is_refused_and_nothing_is_queued(
     response = browser.post(
         f"/app/{launch_id}/api/{path}", json=body, headers=csrf(browser, launch_id), base_url=PUBLIC
     )
-    assert response.status_code == 422 and response.json["error"] == code, response.json
+    assert response.status_code == 422 and json_of(response)["error"] == code, response.json
     assert queued(smart) == {}
 
 
@@ -138,7 +139,7 @@ def test_other_patients_items_and_missing_csrf_are_refused(
         other_goal = str(theirs.id)
     launch_id = full_launch(browser, ehr)
     base = f"/app/{launch_id}/api"
-    state = browser.get(f"{base}/relationship", base_url=PUBLIC).json
+    state = json_of(browser.get(f"{base}/relationship", base_url=PUBLIC))
     assert state["goals"] == [] and state["messages"] == []
     headers = csrf(browser, launch_id)
     edit = browser.post(

@@ -14,6 +14,7 @@ from fhir_bridge import services
 from fhir_bridge.rules import engine
 from fhir_bridge.storage.models import Alert, AuditEvent, OutboxItem
 from tests.support.fake_ehr import FakeEhr
+from tests.support.http import json_of
 from tests.unit.smart.conftest import PUBLIC, full_launch
 from tests.unit.smart.test_dashboard import csrf
 
@@ -48,7 +49,7 @@ def test_acknowledging_a_rule_alert_closes_its_flag_and_task_in_the_outbox_and_a
          "subject": {"reference": "Patient/p1"}},
     ]  # fmt: skip
     launch_id = full_launch(browser, ehr)
-    alerts = browser.get(f"/app/{launch_id}/api/summary", base_url=PUBLIC).json["alerts"]
+    alerts = json_of(browser.get(f"/app/{launch_id}/api/summary", base_url=PUBLIC))["alerts"]
     assert [a["id"] for a in alerts["ehr"]] == ["f-own"]
     shown = alerts["bridge"]
     assert {(a["rule"], a["priority"], a["reason"]) for a in shown} == {
@@ -67,6 +68,7 @@ def test_acknowledging_a_rule_alert_closes_its_flag_and_task_in_the_outbox_and_a
         # conditional update by identifier (also the one already delivered to the EHR).
         for kind, alert, status in (("Flag", safety, "inactive"), ("Task", safety, "completed"),
                                     ("Task", silent, "completed")):  # fmt: skip
+            assert alert.ident_value is not None
             row = rows[(kind, alert.ident_value)]
             body = orjson.loads(row.body)
             assert (row.method, row.status, body["status"]) == ("upsert", "pending", status), kind

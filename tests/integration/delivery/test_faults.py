@@ -531,18 +531,23 @@ def test_two_worker_processes_on_postgresql_share_the_queue_and_the_schedule_wit
         worker.wait_ready()
     try:
         _wait_for(lambda: not pending(services.db, "pair"), what="the backlog to drain", timeout=120)
-        # Both workers offer every job at every 1-second tick; let at least three ticks pass.
-        _wait_for(lambda: len({tick for _, tick in _job_runs(logs)}) >= 4, what="four ticks", timeout=30)
+        # Both workers offer every job at every 1-second tick; let at least four ticks pass.
+        _wait_for(lambda: len({tick for _, tick in _job_runs(logs)}) >= 5, what="five ticks", timeout=30)
     finally:
         codes = [w.terminate() for w in workers]
     assert codes == [0, 0]
     runs = Counter(_job_runs(logs))
     assert {job for job, _ in runs} >= {"key-rotation", "retention-purge"}
     assert set(runs.values()) == {1}, f"a job ran twice in one tick: {runs}"
-    # Every tick had every job (the last one may have been cut short by the SIGTERM).
+    # Each job kept running tick after tick. One tick may go by without it: when the worker holding
+    # the job's lock runs late past a boundary (a loaded machine), the other finds the lock taken and
+    # leaves that tick to it; the job runs at the next. A schedule that regularly skipped ticks (every
+    # other one, say) fails here. The last tick may have been cut short by the SIGTERM.
     ticks = sorted({tick for _, tick in runs})[:-1]
     for job in ("key-rotation", "retention-purge"):
-        assert [t for j, t in sorted(runs) if j == job][: len(ticks)] == ticks, f"{job} ran in every tick"
+        ran = {t for j, t in runs if j == job}
+        missed = [t for t in ticks if t not in ran]
+        assert len(missed) <= 1 and len(ticks) >= 4, f"{job} missed ticks {missed} of {ticks}"
     with services.db.sessions() as session:
         by_process = Counter(
             name.rsplit(":", 1)[0] for name in session.scalars(select(DeliveryAttempt.worker))

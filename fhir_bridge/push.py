@@ -171,17 +171,24 @@ def new_ids(count: int) -> list[uuid.UUID]:
     land on the last few pages. Layout: 48 bits of Unix milliseconds, the version, a 16-bit counter
     (the record's position in the push, split over ``rand_a`` and the top of ``rand_b``: "fixed-length
     dedicated counter", RFC 9562 section 6.2, method 1), the variant, and 58 random bits from one
-    ``urandom`` call. Ids expose the moment of acceptance to the millisecond, which the vendor is told
-    anyway (``received_at``).
+    ``urandom`` call. Past 65,536 ids the counter wraps and the millisecond field moves on by one (RFC
+    9562's counter-rollover handling), so a push of up to ``MAX_BATCH_RECORDS`` (at most 100,000)
+    still gets ids in order. Ids expose the moment of acceptance to the millisecond, which the vendor
+    is told anyway (``received_at``).
     """
-    if count > 0xFFFF:
-        raise ValueError("at most 65,535 ids per call (the counter has 16 bits)")
-    head = (time.time_ns() // 1_000_000) << 80 | 0x7 << 76 | 0b10 << 62
+    ms = time.time_ns() // 1_000_000
+    fixed = 0x7 << 76 | 0b10 << 62
     raw = os.urandom(8 * count)
     mask = (1 << 58) - 1
     from_bytes = int.from_bytes
     return [
-        uuid.UUID(int=head | (n >> 4) << 64 | (n & 0xF) << 58 | from_bytes(raw[8 * n : 8 * n + 8]) & mask)
+        uuid.UUID(
+            int=(ms + (n >> 16)) << 80
+            | fixed
+            | (n & 0xFFFF) >> 4 << 64
+            | (n & 0xF) << 58
+            | from_bytes(raw[8 * n : 8 * n + 8]) & mask
+        )
         for n in range(count)
     ]
 

@@ -36,10 +36,16 @@ def test_ids_are_version_7_in_order_unique_and_stamped_with_the_time() -> None:
     assert not set(new_ids(1_000)) & set(new_ids(1_000))
 
 
-def test_a_counter_that_would_wrap_is_refused() -> None:
+def test_more_ids_than_the_counter_holds_stay_in_order_and_unique() -> None:
+    """MAX_BATCH_RECORDS may be set to 100,000: past 65,536 the millisecond field moves on by one."""
     assert new_ids(0) == []
-    with pytest.raises(ValueError, match="65,535"):
-        new_ids(65_536)
+    before = time.time_ns() // 1_000_000
+    ids = new_ids(100_000)
+    after = time.time_ns() // 1_000_000
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert all(i.version == 7 and i.variant == uuid.RFC_4122 for i in ids)
+    assert unix_ms(ids[65_536]) == unix_ms(ids[65_535]) + 1
+    assert {unix_ms(i) for i in ids} <= set(range(before, after + 2))
 
 
 @pytest.fixture

@@ -494,11 +494,7 @@ class TransactionWriter:
                     results[item.id] = Written("held", message="lease ran short before this request")
             return
         prepared, self._prepared = self._prepared, None
-        if (
-            prepared is not None
-            and len(prepared[0]) == len(groups)
-            and all(map(operator.is_, prepared[0], groups))
-        ):
+        if prepared is not None and _same(prepared[0], groups):
             entries, bundle = prepared[1], prepared[2]
         else:
             entries, bundle = self._build(groups)

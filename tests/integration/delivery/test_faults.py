@@ -25,6 +25,7 @@ from auth.backend import BackendTokenSource
 from auth.keys import Keyring
 from fhir_bridge.delivery import Worker, outbox
 from fhir_bridge.fhir_client import FhirClient, outcome_text
+from fhir_bridge.services import Services
 from fhir_bridge.storage import Database
 from fhir_bridge.storage.models import DeliveryAttempt, OutboxItem, Record, utcnow
 from tests.integration.delivery.conftest import (
@@ -48,6 +49,13 @@ QR_PUT = {"no_conditional_create": ["QuestionnaireResponse"]}
 
 def new_patient() -> str:
     return f"p{uuid.uuid4().hex[:12]}"
+
+
+def behind_proxy(services: Services, tenant: str, proxy: FaultProxy, ehr: SekmetServer) -> None:
+    """A tenant whose FHIR requests go through the fault proxy and whose tokens come from the EHR."""
+    add_tenant(
+        services.db, tenant, proxy.base_url, client_id=CLIENT_ID, token_url=ehr.token_url, quirks=QR_PUT
+    )
 
 
 @pytest.fixture
@@ -115,9 +123,7 @@ def test_429_with_retry_after_and_503s_delay_delivery_but_lose_nothing(
     sqlite_url: str,
 ) -> None:
     services = make_services(sqlite_url, worker_batch_size=20)
-    add_tenant(
-        services.db, "busy", proxy.base_url, client_id=CLIENT_ID, token_url=smart_ehr.token_url, quirks=QR_PUT
-    )
+    behind_proxy(services, "busy", proxy, smart_ehr)
     patient = new_patient()
     seeded = seed(services.db, "busy", patient=patient, records=60)
     maintenance = Respond(503, body=b"<html>maintenance</html>", headers=(("Content-Type", "text/html"),))
@@ -139,14 +145,7 @@ def test_a_long_retry_after_reschedules_instead_of_retrying_in_a_loop(
     smart_ehr: SekmetServer, proxy: FaultProxy, make_services: ServicesFactory, sqlite_url: str
 ) -> None:
     services = make_services(sqlite_url, worker_retry_max_seconds=600)
-    add_tenant(
-        services.db,
-        "throttled",
-        proxy.base_url,
-        client_id=CLIENT_ID,
-        token_url=smart_ehr.token_url,
-        quirks=QR_PUT,
-    )
+    behind_proxy(services, "throttled", proxy, smart_ehr)
     seed(services.db, "throttled", patient=new_patient(), records=5)
     proxy.during(600, Respond(429, (("Retry-After", "120"),)))
     worker = Worker(services)
@@ -167,14 +166,7 @@ def test_the_pipelined_loop_holds_back_the_batch_it_claimed_while_the_ehr_was_re
     tenant is paused before N+1 would be sent: N+1 goes back to the queue untouched, and the EHR sees
     one request, not one per batch claimed. Stopping the loop leaves no lease behind."""
     services = make_services(sqlite_url, worker_batch_size=5, worker_retry_max_seconds=600)
-    add_tenant(
-        services.db,
-        "piped",
-        proxy.base_url,
-        client_id=CLIENT_ID,
-        token_url=smart_ehr.token_url,
-        quirks=QR_PUT,
-    )
+    behind_proxy(services, "piped", proxy, smart_ehr)
     seed(services.db, "piped", patient=new_patient(), records=40)
     proxy.during(600, Respond(429, (("Retry-After", "120"),)))
     worker = Worker(services)
@@ -208,14 +200,7 @@ def test_a_long_queue_is_claimed_ahead_even_when_whole_groups_leave_each_claim_s
     items (a questionnaire and its score), each claim stops at 4 items although the queue is long.
     That short claim once read as "keeping up", and the next claim waited for the EHR's answer."""
     services = make_services(sqlite_url, worker_batch_size=5)
-    add_tenant(
-        services.db,
-        "ahead",
-        proxy.base_url,
-        client_id=CLIENT_ID,
-        token_url=smart_ehr.token_url,
-        quirks=QR_PUT,
-    )
+    behind_proxy(services, "ahead", proxy, smart_ehr)
     patient = new_patient()
     seeded = seed(services.db, "ahead", patient=patient, records=12, kinds=("phq9",))
     proxy.queue(Delay(3.0))  # the first Bundle stays with the "EHR" for 3 s
@@ -252,14 +237,7 @@ def test_an_ehr_failing_every_time_dead_letters_after_the_attempt_budget(
     smart_ehr: SekmetServer, proxy: FaultProxy, make_services: ServicesFactory, sqlite_url: str
 ) -> None:
     services = make_services(sqlite_url, worker_max_attempts=3, worker_retry_max_seconds=0.2)
-    add_tenant(
-        services.db,
-        "broken",
-        proxy.base_url,
-        client_id=CLIENT_ID,
-        token_url=smart_ehr.token_url,
-        quirks=QR_PUT,
-    )
+    behind_proxy(services, "broken", proxy, smart_ehr)
     seeded = seed(services.db, "broken", patient=new_patient(), records=4)
     issue = {"severity": "fatal", "code": "exception", "diagnostics": "database unavailable"}
     outcome = {"resourceType": "OperationOutcome", "issue": [issue]}
